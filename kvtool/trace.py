@@ -1,0 +1,382 @@
+"""One-pass, O(n)-memory attention trace.
+
+A registered attention function (`"kvtool_trace"` in transformers' `AttentionInterface`, with the sdpa mask in
+`ALL_MASK_ATTENTION_FUNCTIONS`) returns the exact sdpa output and, on the side, feeds `TraceStats`:
+
+* attention rows of a *sample of queries*, computed in chunks of `chunk` rows — the full n×n matrix never exists:
+  - evenly spaced queries at positions >= sink + recent (where a streaming head would drop something):
+    attention mass on the first `sink` tokens, on the `recent` window, and the row entropy (StreamingLLM,
+    DuoAttention arXiv 2410.10819);
+  - the query before each copied needle token: a hit when the head's top-attended token is a needle token equal
+    to the token being produced (Retrieval Head copy score, arXiv 2404.15574); a sample's hits count only when
+    the model, teacher-forced, predicts more than `recall_threshold` of the answer tokens;
+  - the last `window` queries: Jensen-Shannon similarity of adjacent layers' rows, per head (PoD, arXiv 2412.02252);
+* every token's keys before RoPE (output of `k_norm` if the module has one, else `k_proj`), after RoPE and values:
+  per-channel min / max / histogram (quantiles) and moments for PCA (KVQuant arXiv 2401.18079, KIVI 2402.02750).
+
+Statistics are kept per query head ([L, H_q]); `TraceStats.derive()` aggregates a KV group as documented there.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvtool.errors import KvtoolError
+from kvtool.stats import ChannelRange, Mean, Moments
+
+TRACE_ATTENTION = "kvtool_trace"
+DEFAULT_QUANTILES = (0.001, 0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.995, 0.999)
+
+
+@dataclass
+class TraceConfig:
+    sink: int = 64               # sink tokens for the streaming-mass statistics
+    recent: int = 256            # recent window for the streaming-mass statistics
+    query_samples: int = 256     # queries per sample for masses/entropy; 0 = every eligible query
+    window: int = 32             # last queries whose rows are compared across layers
+    chunk: int = 128             # query rows computed at once
+    recall_threshold: float = 0.5
+    quantile_levels: tuple[float, ...] = DEFAULT_QUANTILES
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TraceConfig":
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+        if "quantile_levels" in d:
+            d["quantile_levels"] = tuple(d["quantile_levels"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Dims:
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @classmethod
+    def of(cls, model) -> "Dims":
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        h = cfg.num_attention_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+        return cls(cfg.num_hidden_layers, h, getattr(cfg, "num_key_value_heads", None) or h, d)
+
+
+# Accumulator fields of TraceStats and their kinds, in serialisation order.
+_HEAD_MEANS = ("sink_mass", "recent_mass", "streaming_mass", "entropy", "copy")
+_CHANNELS = ("key_pre", "key_post", "value")
+
+
+@dataclass
+class TraceStats:
+    """Everything the trace accumulates; `merge` adds two shards. Per query head: [L, H_q]."""
+
+    config: TraceConfig
+    dims: Dims
+    acc: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, config: TraceConfig, dims: Dims) -> "TraceStats":
+        L, Hq, Hkv, D = dims.layers, dims.q_heads, dims.kv_heads, dims.head_dim
+        acc = {name: Mean.zeros(L, Hq) for name in _HEAD_MEANS}
+        acc["similarity"] = Mean.zeros(max(L - 1, 1), Hq)
+        acc["tokens"] = Mean.zeros(L)          # total = tokens traced, count = samples (per layer)
+        acc["recall"] = Mean.zeros(L)          # total = answer recall, count = samples with needles
+        for name in _CHANNELS:
+            acc[name] = ChannelRange.empty(L, Hkv, D)
+            acc[f"{name}_moments"] = Moments.zeros(L, Hkv, D)
+        return cls(config, dims, acc)
+
+    def merge(self, other: "TraceStats") -> "TraceStats":
+        if other.dims != self.dims:
+            raise KvtoolError(f"cannot merge statistics of different model shapes ({other.dims} vs {self.dims})")
+        if other.config != self.config:
+            raise KvtoolError("cannot merge statistics traced with different settings (sink/recent/samples/window)")
+        for name, a in self.acc.items():
+            a.merge(other.acc[name])
+        return self
+
+    @property
+    def samples(self) -> int:
+        return int(self.acc["tokens"].count[0].item())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for the profile's `stats.` section (histograms stored as int32)."""
+        out = {}
+        for name, a in self.acc.items():
+            for key, t in a.state(f"stats.{name}").items():
+                out[key] = t.to(torch.int32) if t.dtype == torch.int64 else t
+        return out
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: TraceConfig, dims: Dims) -> "TraceStats":
+        stats = cls.empty(config, dims)
+        for name, a in stats.acc.items():
+            try:
+                loaded = type(a).from_state(tensors, f"stats.{name}")
+            except KeyError as exc:
+                raise KvtoolError(f"profile has no raw statistics ({exc.args[0]} missing); it cannot be merged") from None
+            for f in fields(loaded):
+                t = getattr(loaded, f.name)
+                setattr(loaded, f.name, t.long() if t.dtype == torch.int32 else t)
+            stats.acc[name] = loaded
+        return stats
+
+    def derive(self) -> dict[str, torch.Tensor]:
+        """Profile tensors from the raw statistics.
+
+        A KV group of G query heads is one KV head (it shares one cache): masses take the *minimum* over the group
+        (a KV head is only as streaming as its least streaming query head), entropy and the retrieval score the
+        *maximum* (RazorAttention's rule: one retrieval query head protects the group), layer similarity the mean.
+        Per query head values are kept as `*_q` with shape [L, H_kv, G].
+        """
+        d, out = self.dims, {}
+        per_q = {name: self.acc[name].value() for name in _HEAD_MEANS}
+        per_q["retrieval_score"] = per_q.pop("copy")
+        agg = {"sink_mass": "min", "recent_mass": "min", "streaming_mass": "min", "entropy": "max",
+               "retrieval_score": "max"}
+        for name, how in agg.items():
+            grouped = per_q[name].view(d.layers, d.kv_heads, d.group)
+            out[f"heads.{name}"] = grouped.amin(-1) if how == "min" else grouped.amax(-1)
+            out[f"heads.{name}_q"] = grouped.contiguous()
+        if d.layers > 1:
+            sim = self.acc["similarity"].value().view(d.layers - 1, d.kv_heads, d.group)
+            out["layers.similarity"] = sim.mean(-1)
+            out["layers.similarity_q"] = sim.contiguous()
+        for name in _CHANNELS:
+            rng, mom = self.acc[name], self.acc[f"{name}_moments"]
+            seen = torch.isfinite(rng.lo)
+            out[f"channels.{name}.min"] = torch.where(seen, rng.lo, 0.0)
+            out[f"channels.{name}.max"] = torch.where(seen, rng.hi, 0.0)
+            out[f"channels.{name}.absmax"] = torch.where(seen, rng.absmax(), 0.0)
+            out[f"channels.{name}.quantiles"] = rng.quantiles(list(self.config.quantile_levels))
+            mean, evals, basis = mom.pca()
+            out[f"pca.{name}.mean"], out[f"pca.{name}.eigvals"], out[f"pca.{name}.basis"] = mean, evals, basis
+        return out
+
+
+def _attention_modules(model) -> list:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    if not mods:
+        raise KvtoolError(
+            f"the tracer does not understand {type(model).__name__}: no attention modules with k_proj/v_proj and a layer_idx"
+        )
+    return mods
+
+
+class _SampleContext:
+    """Per-sample positions and scratch, set before each forward."""
+
+    def __init__(self, tracer: "Tracer", input_ids: torch.Tensor, copy_pairs: torch.Tensor, needle_mask: torch.Tensor):
+        cfg, T = tracer.config, input_ids.numel()
+        self.ids = input_ids
+        first = cfg.sink + cfg.recent
+        if cfg.query_samples and T - first > cfg.query_samples:
+            self.sampled = torch.linspace(first, T - 1, cfg.query_samples).round().long().unique()
+        else:
+            self.sampled = torch.arange(first, T)
+        self.window = torch.arange(max(T - cfg.window, 0), T)
+        self.copy_query = copy_pairs[:, 0] - 1 if copy_pairs.numel() else torch.zeros(0, dtype=torch.long)
+        self.copy_target = input_ids[copy_pairs[:, 0]] if copy_pairs.numel() else torch.zeros(0, dtype=torch.long)
+        self.needle_mask = needle_mask
+        self.hits = torch.zeros(tracer.dims.layers, tracer.dims.q_heads, dtype=torch.float64)
+        self.prev_rows: dict[int, torch.Tensor] = {}
+
+
+class Tracer:
+    """Runs samples through a model with the trace attention and fills a `TraceStats`."""
+
+    def __init__(self, model, config: TraceConfig | None = None):
+        self.model = model
+        self.config = config or TraceConfig()
+        self.modules = _attention_modules(model)
+        self.dims = Dims.of(model)
+        self.stats = TraceStats.empty(self.config, self.dims)
+        self.ctx: _SampleContext | None = None
+
+    # -- the per-sample loop ---------------------------------------------------------------------------------
+    def run(self, samples, on_sample=None) -> TraceStats:
+        with _tracing(self):
+            for i, sample in enumerate(samples):
+                self.trace_sample(sample)
+                if on_sample is not None:
+                    on_sample(i + 1)
+        return self.stats
+
+    @torch.inference_mode()
+    def trace_sample(self, sample) -> None:
+        ids = sample.input_ids.view(-1)                                        # [T]
+        needle = torch.zeros(ids.numel(), dtype=torch.bool)
+        for start, end in sample.needle_spans:
+            needle[start:end] = True
+        self.ctx = _SampleContext(self, ids, sample.copy_pairs.view(-1, 2).long(), needle)
+        try:
+            device = next(self.model.parameters()).device
+            decoder = self.model.get_decoder()
+            hidden = decoder(input_ids=ids.view(1, -1).to(device), use_cache=False).last_hidden_state  # [1, T, d]
+            self._finish_sample(hidden[0])
+        finally:
+            self.ctx = None
+
+    def _finish_sample(self, hidden: torch.Tensor) -> None:
+        ctx, acc = self.ctx, self.stats.acc
+        acc["tokens"].add(slice(None), torch.tensor(float(ctx.ids.numel())), 1)
+        if ctx.copy_query.numel() == 0:
+            return
+        logits = self.model.get_output_embeddings()(hidden[ctx.copy_query.to(hidden.device)])  # [n, V]
+        recall = (logits.argmax(-1).cpu() == ctx.copy_target).float().mean()
+        acc["recall"].add(slice(None), recall, 1)
+        if recall.item() > self.config.recall_threshold:
+            acc["copy"].add(slice(None), ctx.hits, ctx.copy_query.numel())
+
+    # -- called from the attention function and the hooks ----------------------------------------------------
+    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
+        if self.ctx is None:
+            return
+        _check_finite(module.layer_idx, "pre-RoPE key", output)
+        k = output.detach().float()
+        k = k.reshape(k.shape[0] * k.shape[1], -1, self.dims.head_dim)        # [T, H_kv, D]
+        layer = module.layer_idx
+        self.stats.acc["key_pre"].add(layer, k)
+        self.stats.acc["key_pre_moments"].add(layer, k)
+
+    def observe_attention(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
+        """query: [1, H_q, T, D]; key, value: [1, H_kv, S, D] (post-RoPE)."""
+        if self.ctx is None:
+            return
+        layer = module.layer_idx
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            _check_finite(layer, name, t)
+        if query.shape[0] != 1:
+            raise KvtoolError("the tracer runs one sample at a time (batch size 1)")
+        acc = self.stats.acc
+        k, v = key[0].float().transpose(0, 1), value[0].float().transpose(0, 1)  # [S, H_kv, D]
+        acc["key_post"].add(layer, k)
+        acc["key_post_moments"].add(layer, k)
+        acc["value"].add(layer, v)
+        acc["value_moments"].add(layer, v)
+        rows = _RowMaker(query[0].float(), key[0].float(), attention_mask, scaling, softcap, self.dims.group)
+        self._masses(layer, rows)
+        self._copy_hits(layer, rows)
+        self._similarity(layer, rows)
+
+    def _masses(self, layer: int, rows: "_RowMaker") -> None:
+        cfg, acc = self.config, self.stats.acc
+        for pos in self.ctx.sampled.split(cfg.chunk):
+            p = rows(pos)                                                       # [H_q, n, S]
+            sink = p[..., : cfg.sink].sum(-1)                                   # [H_q, n]
+            cum = p.cumsum(-1)
+            abs_pos = (pos + rows.offset).view(1, -1, 1).expand(p.shape[0], -1, 1)
+            upto = cum.gather(-1, abs_pos).squeeze(-1)
+            before = cum.gather(-1, (abs_pos - cfg.recent).clamp_min(0)).squeeze(-1)
+            recent = upto - before
+            n = pos.numel()
+            acc["sink_mass"].add(layer, sink.sum(-1), n)
+            acc["recent_mass"].add(layer, recent.sum(-1), n)
+            acc["streaming_mass"].add(layer, (sink + recent).sum(-1), n)
+            acc["entropy"].add(layer, torch.special.entr(p).sum(-1).sum(-1), n)
+
+    def _copy_hits(self, layer: int, rows: "_RowMaker") -> None:
+        ctx = self.ctx
+        for pos, target in zip(ctx.copy_query.split(self.config.chunk), ctx.copy_target.split(self.config.chunk)):
+            top = rows(pos).argmax(-1).cpu() - rows.offset                      # [H_q, n] query-local positions
+            top = top.clamp(0, ctx.ids.numel() - 1)
+            hit = ctx.needle_mask[top] & (ctx.ids[top] == target.view(1, -1))
+            ctx.hits[layer] += hit.sum(-1).double()
+
+    def _similarity(self, layer: int, rows: "_RowMaker") -> None:
+        ctx = self.ctx
+        cur = rows(ctx.window)                                                 # [H_q, W, S]
+        prev = ctx.prev_rows.pop(layer - 1, None)
+        if prev is not None and prev.shape == cur.shape:
+            m = 0.5 * (prev + cur)
+            js = 0.5 * (torch.special.xlogy(prev, prev) - torch.special.xlogy(prev, m)).sum(-1) \
+                + 0.5 * (torch.special.xlogy(cur, cur) - torch.special.xlogy(cur, m)).sum(-1)   # [H_q, W]
+            sim = 1.0 - js.clamp(0, math.log(2)) / math.log(2)
+            self.stats.acc["similarity"].add(layer - 1, sim.sum(-1), cur.shape[1])
+        ctx.prev_rows[layer] = cur
+
+
+def _check_finite(layer: int, name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise KvtoolError(f"non-finite values (NaN or inf) in the {name} activations of layer {layer}; "
+                          "check the model weights and dtype (try --dtype float32)")
+
+
+class _RowMaker:
+    """Exact attention probabilities for chosen query rows: rows(pos) -> [H_q, n, S], never all T rows at once."""
+
+    def __init__(self, q, k, mask, scaling, softcap, group):
+        self.q, self.k, self.mask, self.group = q, k, mask, group               # q: [H_q, T, D]; k: [H_kv, S, D]
+        self.scaling = scaling if scaling is not None else q.shape[-1] ** -0.5
+        self.softcap = softcap
+        self.offset = k.shape[1] - q.shape[1]                                  # keys before the first query
+
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        hq, _, d = self.q.shape
+        hkv, s = self.k.shape[0], self.k.shape[1]
+        q = self.q[:, pos.to(self.q.device)].view(hkv, self.group, -1, d)      # [H_kv, G, n, D]
+        scores = (q @ self.k.transpose(1, 2).unsqueeze(1)) * self.scaling       # [H_kv, G, n, S]
+        scores = scores.reshape(hq, -1, s)
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.mask is None:
+            keys = torch.arange(s, device=scores.device).view(1, -1)
+            allowed = keys <= (pos.to(scores.device) + self.offset).view(-1, 1)   # causal
+            scores = scores.masked_fill(~allowed, -math.inf)
+        else:
+            m = self.mask[0, 0][pos.to(self.mask.device)]                       # [n, S]
+            scores = scores.masked_fill(~m, -math.inf) if m.dtype == torch.bool else scores + m.float()
+        return torch.softmax(scores, -1)
+
+
+# -- registration with transformers -----------------------------------------------------------------------------
+_ACTIVE: list[Tracer] = []
+
+
+def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention function: exact sdpa output, statistics on the side."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _ACTIVE:
+        _ACTIVE[-1].observe_attention(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    return out
+
+
+AttentionInterface.register(TRACE_ATTENTION, trace_attention)
+AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def _tracing(tracer: Tracer):
+    """Switch the model to the trace attention, hook pre-RoPE keys; restore everything afterwards."""
+    model = tracer.model
+    previous = model.config._attn_implementation
+    handles = []
+    for mod in tracer.modules:
+        src = getattr(mod, "k_norm", None) or mod.k_proj
+        handles.append(src.register_forward_hook(lambda m, i, o, mod=mod: tracer.observe_pre_rope_key(mod, o)))
+    model.set_attn_implementation(TRACE_ATTENTION)
+    _ACTIVE.append(tracer)
+    try:
+        yield
+    finally:
+        _ACTIVE.remove(tracer)
+        model.set_attn_implementation(previous)
+        for h in handles:
+            h.remove()
+
+
+def config_dict(config: TraceConfig) -> dict:
+    d = asdict(config)
+    d["quantile_levels"] = list(config.quantile_levels)
+    return d

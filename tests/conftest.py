@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models built in-process (no downloads), and planted needle samples."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+VOCAB = 128
+
+
+def tiny_model(kind: str = "gqa", seed: int = 0, layers: int = 3):
+    """Tiny random causal LMs: Llama GQA / MHA / MQA, and Qwen3 with sliding-window layers and k_norm."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  max_position_embeddings=512, num_attention_heads=4)
+    if kind == "sliding":
+        types = ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)]
+        cfg = Qwen3Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=24, use_sliding_window=True,
+                          layer_types=types)
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        kv = {"gqa": 2, "mha": 4, "mqa": 1}[kind]
+        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=kv))
+    # Larger-than-default weights give peaked, varied attention (more informative than near-uniform rows).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+    return model.eval()
+
+
+def needle_sample(T: int = 120, seed: int = 0, needle_at: int = 40, n: int = 8):
+    """Random tokens with a planted copy: tokens [needle_at, needle_at+n) repeated at the end."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (T,), generator=g)
+    start = T - n - 2
+    ids[start:start + n] = ids[needle_at:needle_at + n]
+    pairs = torch.stack([torch.arange(start, start + n), torch.arange(needle_at, needle_at + n)], 1)
+    return SimpleNamespace(input_ids=ids, copy_pairs=pairs, needle_spans=[(needle_at, needle_at + n)],
+                           answer_spans=[(start, start + n)], meta={"kind": "test"})
+
+
+@pytest.fixture(params=["gqa", "mha", "mqa", "sliding"])
+def any_tiny_model(request):
+    return request.param, tiny_model(request.param)
