@@ -86,8 +86,9 @@ class ChannelRange(Accumulator):
     def add(self, layer: int, x: torch.Tensor) -> None:
         """x: [N, H_kv, D] values of one layer (N tokens)."""
         x = x.detach().float()
-        self.lo[layer] = torch.minimum(self.lo[layer], x.amin(0))
-        self.hi[layer] = torch.maximum(self.hi[layer], x.amax(0))
+        lo, hi = torch.aminmax(x, dim=0)
+        self.lo[layer] = torch.minimum(self.lo[layer], lo)
+        self.hi[layer] = torch.maximum(self.hi[layer], hi)
         heads, dim = x.shape[1:]
         bins = _bin_index(x)                                                   # [N, H, D]
         flat = bins + torch.arange(heads * dim).view(heads, dim) * HIST_BINS    # channel-major flat bin id

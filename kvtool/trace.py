@@ -41,7 +41,7 @@ class TraceConfig:
     recent: int = 256            # recent window for the streaming-mass statistics
     query_samples: int = 256     # queries per sample for masses/entropy; 0 = every eligible query
     window: int = 32             # last queries whose rows are compared across layers
-    chunk: int = 128             # query rows computed at once
+    chunk: int = 64              # query rows computed at once
     recall_threshold: float = 0.5
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILES
 
@@ -266,37 +266,38 @@ class Tracer:
         acc["value"].add(layer, v)
         acc["value_moments"].add(layer, v)
         rows = _RowMaker(query[0].float(), key[0].float(), attention_mask, scaling, softcap, self.dims.group)
-        self._masses(layer, rows)
-        self._copy_hits(layer, rows)
-        self._similarity(layer, rows)
+        ctx = self.ctx
+        for part in ctx.sampled.split(self.config.chunk):
+            self._masses(layer, rows(part), part, rows.offset)
+        if ctx.copy_query.numel():
+            self._copy_hits(layer, rows(ctx.copy_query), rows.offset)
+        self._similarity(layer, rows(ctx.window, full=True))
 
-    def _masses(self, layer: int, rows: "_RowMaker") -> None:
+    def _masses(self, layer: int, p: torch.Tensor, pos: torch.Tensor, offset: int) -> None:
+        """p: [H_q, n, S'] rows of the queries at `pos` (S' >= last position + 1)."""
         cfg, acc = self.config, self.stats.acc
-        for pos in self.ctx.sampled.split(cfg.chunk):
-            p = rows(pos)                                                       # [H_q, n, S]
-            sink = p[..., : cfg.sink].sum(-1)                                   # [H_q, n]
-            cum = p.cumsum(-1)
-            abs_pos = (pos + rows.offset).view(1, -1, 1).expand(p.shape[0], -1, 1)
-            upto = cum.gather(-1, abs_pos).squeeze(-1)
-            before = cum.gather(-1, (abs_pos - cfg.recent).clamp_min(0)).squeeze(-1)
-            recent = upto - before
-            n = pos.numel()
-            acc["sink_mass"].add(layer, sink.sum(-1), n)
-            acc["recent_mass"].add(layer, recent.sum(-1), n)
-            acc["streaming_mass"].add(layer, (sink + recent).sum(-1), n)
-            acc["entropy"].add(layer, torch.special.entr(p).sum(-1).sum(-1), n)
+        sink = p[..., : cfg.sink].sum(-1)                                       # [H_q, n]
+        cum = p.cumsum(-1)
+        abs_pos = (pos + offset).view(1, -1, 1).expand(p.shape[0], -1, 1)
+        upto = cum.gather(-1, abs_pos).squeeze(-1)
+        before = cum.gather(-1, (abs_pos - cfg.recent).clamp_min(0)).squeeze(-1)
+        recent = upto - before
+        n = pos.numel()
+        acc["sink_mass"].add(layer, sink.sum(-1), n)
+        acc["recent_mass"].add(layer, recent.sum(-1), n)
+        acc["streaming_mass"].add(layer, (sink + recent).sum(-1), n)
+        acc["entropy"].add(layer, torch.special.entr(p).sum(-1).sum(-1), n)
 
-    def _copy_hits(self, layer: int, rows: "_RowMaker") -> None:
+    def _copy_hits(self, layer: int, p: torch.Tensor, offset: int) -> None:
+        """p: [H_q, n, S'] rows of the queries just before each copied answer token."""
         ctx = self.ctx
-        for pos, target in zip(ctx.copy_query.split(self.config.chunk), ctx.copy_target.split(self.config.chunk)):
-            top = rows(pos).argmax(-1).cpu() - rows.offset                      # [H_q, n] query-local positions
-            top = top.clamp(0, ctx.ids.numel() - 1)
-            hit = ctx.needle_mask[top] & (ctx.ids[top] == target.view(1, -1))
-            ctx.hits[layer] += hit.sum(-1).double()
+        top = (p.argmax(-1).cpu() - offset).clamp(0, ctx.ids.numel() - 1)      # [H_q, n] query-local positions
+        hit = ctx.needle_mask[top] & (ctx.ids[top] == ctx.copy_target.view(1, -1))
+        ctx.hits[layer] += hit.sum(-1).double()
 
-    def _similarity(self, layer: int, rows: "_RowMaker") -> None:
+    def _similarity(self, layer: int, cur: torch.Tensor) -> None:
+        """cur: [H_q, W, S] rows of the last `window` queries; compared with the previous layer's."""
         ctx = self.ctx
-        cur = rows(ctx.window)                                                 # [H_q, W, S]
         prev = ctx.prev_rows.pop(layer - 1, None)
         if prev is not None and prev.shape == cur.shape:
             m = 0.5 * (prev + cur)
@@ -308,7 +309,8 @@ class Tracer:
 
 
 def _check_finite(layer: int, name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
+    # One reduction: a NaN/inf anywhere makes the sum non-finite (an overflowing sum is confirmed element-wise).
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise KvtoolError(f"non-finite values (NaN or inf) in the {name} activations of layer {layer}; "
                           "check the model weights and dtype (try --dtype float32)")
 
@@ -322,21 +324,32 @@ class _RowMaker:
         self.softcap = softcap
         self.offset = k.shape[1] - q.shape[1]                                  # keys before the first query
 
-    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pos: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Rows of the queries at `pos` (sorted): [H_q, n, S'] with S' = keys up to the last query, or all keys.
+
+        Keys after the last query of the chunk are masked for every query in it (causal), so they are cut off
+        instead of computed; a mask that allows any of them (not causal) gets full rows.
+        """
         hq, _, d = self.q.shape
         hkv, s = self.k.shape[0], self.k.shape[1]
-        q = self.q[:, pos.to(self.q.device)].view(hkv, self.group, -1, d)      # [H_kv, G, n, D]
-        scores = (q @ self.k.transpose(1, 2).unsqueeze(1)) * self.scaling       # [H_kv, G, n, S]
-        scores = scores.reshape(hq, -1, s)
+        pos = pos.to(self.q.device)
+        width = s if full else min(s, int(pos.max()) + self.offset + 1)
+        mask = None if self.mask is None else self.mask[0, 0][pos.to(self.mask.device)]    # [n, S]
+        if mask is not None and width < s and (mask.dtype != torch.bool or mask[:, width:].any()):
+            width = s
+        q = self.q[:, pos].view(hkv, self.group, -1, d)                         # [H_kv, G, n, D]
+        k = self.k[:, :width]                                                   # [H_kv, S', D]
+        scores = (q @ k.transpose(1, 2).unsqueeze(1)) * self.scaling            # [H_kv, G, n, S']
+        scores = scores.reshape(hq, -1, width)
         if self.softcap:
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        if self.mask is None:
-            keys = torch.arange(s, device=scores.device).view(1, -1)
-            allowed = keys <= (pos.to(scores.device) + self.offset).view(-1, 1)   # causal
-            scores = scores.masked_fill(~allowed, -math.inf)
+        if mask is None:
+            keys = torch.arange(width, device=scores.device).view(1, -1)
+            scores.masked_fill_(keys > (pos + self.offset).view(-1, 1), -math.inf)   # causal
+        elif mask.dtype == torch.bool:
+            scores.masked_fill_(~mask[:, :width], -math.inf)
         else:
-            m = self.mask[0, 0][pos.to(self.mask.device)]                       # [n, S]
-            scores = scores.masked_fill(~m, -math.inf) if m.dtype == torch.bool else scores + m.float()
+            scores += mask[:, :width].float()
         return torch.softmax(scores, -1)
 
 

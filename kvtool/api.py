@@ -1,0 +1,93 @@
+"""The Python API behind `kvtool profile`: trace a model on samples and build a Profile; merge profiles of shards."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+
+from kvtool import __version__
+from kvtool.errors import KvtoolError
+from kvtool.profile import Profile, model_meta
+from kvtool.trace import Dims, TraceConfig, TraceStats, Tracer, config_dict
+
+DEFAULT_POLICY = {"heads": "retrieval:0.5", "sink": 64, "recent": 256, "k_bits": 16, "v_bits": 16}
+
+
+def check_lengths(model, seq_len: int, config: TraceConfig) -> None:
+    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics."""
+    cfg = model.config.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
+    if seq_len <= config.sink + config.recent:
+        raise KvtoolError(
+            f"--seq-len {seq_len} must exceed sink + recent = {config.sink + config.recent} "
+            "(lower --sink/--recent or raise --seq-len)"
+        )
+
+
+def profile_model(model, samples, *, config: TraceConfig | None = None, data: dict | None = None, seed: int = 42,
+                  name: str | None = None, keep_stats: bool = True, on_sample=None) -> Profile:
+    """Trace `samples` (a list of kvtool.data.Sample) through `model` and return the Profile (not yet saved)."""
+    config = config or TraceConfig()
+    if not samples:
+        raise KvtoolError("zero samples: nothing to profile (raise --samples, or give a longer data file)")
+    for s in samples:
+        check_lengths(model, s.input_ids.numel(), config)
+    start = time.perf_counter()
+    stats = Tracer(model, config).run(samples, on_sample=on_sample)
+    seconds = time.perf_counter() - start
+    calibration = {
+        "data": data or {"kind": "unknown"},
+        "samples": len(samples),
+        "lengths": [int(s.input_ids.numel()) for s in samples],
+        "seed": seed,
+        "methods": {"trace": config_dict(config)},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "kvtool_version": __version__,
+        "trace_seconds": round(seconds, 2),
+    }
+    return build_profile(stats, model_meta(model, name=name or getattr(model, "kvtool_name", None)), calibration,
+                         keep_stats=keep_stats)
+
+
+def build_profile(stats: TraceStats, model: dict, calibration: dict, keep_stats: bool = True) -> Profile:
+    tensors = stats.derive()
+    if keep_stats:
+        tensors.update(stats.state())
+    return Profile(tensors=tensors, model=model, calibration=calibration, policy=dict(DEFAULT_POLICY))
+
+
+def stats_of(profile: Profile) -> TraceStats:
+    """The raw, mergeable statistics stored in a profile's `stats.` section."""
+    trace_cfg = profile.calibration.get("methods", {}).get("trace")
+    if trace_cfg is None:
+        raise KvtoolError("profile has no trace settings in kvtool.calibration; it was not made by `kvtool profile`")
+    m = profile.model
+    dims = Dims(m["num_layers"], m["num_attention_heads"], m["num_kv_heads"], m["head_dim"])
+    return TraceStats.from_state(profile.tensors, TraceConfig.from_dict(trace_cfg), dims)
+
+
+def merge_profiles(*profiles: Profile) -> Profile:
+    """Merge profiles traced on disjoint shards of data (same model, same settings) into one.
+
+    The result equals the profile of all the data traced at once (see TraceStats for the float tolerance).
+    """
+    if len(profiles) < 2:
+        raise KvtoolError("give at least two profiles to merge")
+    first = profiles[0]
+    stats = stats_of(first)
+    lengths, datas, seconds = list(first.calibration.get("lengths", [])), [first.calibration.get("data")], 0.0
+    for p in profiles[1:]:
+        if p.model.get("fingerprint") != first.model.get("fingerprint"):
+            raise KvtoolError("cannot merge profiles of different models (fingerprints differ)")
+        stats.merge(stats_of(p))
+        lengths += p.calibration.get("lengths", [])
+        datas.append(p.calibration.get("data"))
+    for p in profiles:
+        seconds += p.calibration.get("trace_seconds", 0.0)
+    calibration = dict(first.calibration)
+    calibration.update(samples=stats.samples, lengths=lengths, trace_seconds=round(seconds, 2),
+                       data=datas[0] if all(d == datas[0] for d in datas) else {"kind": "merged", "parts": datas},
+                       merged_from=len(profiles))
+    return build_profile(stats, dict(first.model), calibration)

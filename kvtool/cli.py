@@ -1,0 +1,205 @@
+"""`kvtool` command line: a thin typer layer over kvtool's Python API.
+
+Errors a user can cause come out as one line, `Error: ...`, with exit code 1 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kvtool.errors import KvtoolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline KV-cache profiling and calibration for LLMs.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(standalone_mode=False)
+    except KvtoolError as exc:
+        err.print(f"[bold red]Error:[/] {exc}", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[bold red]Error:[/] interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _writable_target(path: Path) -> Path:
+    """Refuse an output path we could not write, before any expensive work."""
+    if path.is_dir():
+        raise KvtoolError(f"output path {path} is a directory; give a file name such as {path / 'model.kv.st'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise KvtoolError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise KvtoolError(f"cannot write {path}: directory {parent} is not writable")
+    return path
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=err, transient=False)
+
+
+def _default_output(model: Optional[str]) -> Path:
+    stem = "smollm2-135m-instruct" if model is None else Path(model.rstrip("/")).name.lower()
+    return Path(f"{stem}.kv.st")
+
+
+@app.command()
+def profile(
+    model: Optional[str] = typer.Argument(None, help="HF model id (already cached), local directory or .gguf; default: the embedded SmolLM2-135M-Instruct."),
+    data: Optional[str] = typer.Option(None, "--data", help="'passkey' (built-in synthetic needles) or a .txt / .jsonl file."),
+    samples: int = typer.Option(8, "--samples", "-n", help="Number of calibration samples."),
+    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="Tokens per sample."),
+    needles: int = typer.Option(3, "--needles", help="Passkeys per built-in sample."),
+    sink: int = typer.Option(64, "--sink", help="Sink tokens for the streaming statistics."),
+    recent: int = typer.Option(256, "--recent", help="Recent window for the streaming statistics."),
+    query_samples: int = typer.Option(256, "--query-samples", help="Queries per sample whose attention rows are traced (0 = all)."),
+    seed: int = typer.Option(42, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    no_stats: bool = typer.Option(False, "--no-stats", help="Leave out raw statistics (smaller file; cannot be merged)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: <model>.kv.st)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Trace MODEL on calibration data in one pass and write a .kv.st profile."""
+    from kvtool.api import check_lengths, profile_model
+    from kvtool.data import describe, load_samples
+    from kvtool.models import load_model
+    from kvtool.trace import TraceConfig
+
+    path = _writable_target(output or _default_output(model))
+    config = TraceConfig(sink=sink, recent=recent, query_samples=query_samples)
+    if samples < 1:
+        raise KvtoolError("zero samples: --samples must be at least 1")
+    _quiet_libraries()
+    t0 = time.perf_counter()
+    with err.status("Loading model (the first load of the embedded GGUF converts it, ~20 s)"):
+        mdl, tok = load_model(model, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    check_lengths(mdl, seq_len, config)
+    with err.status("Preparing calibration data"):
+        batch = load_samples(data, tok, samples, seq_len, seed=seed, n_needles=needles)
+    if len(batch) < samples:
+        err.print(f"[yellow]Note:[/] the data gives only {len(batch)} samples of {seq_len} tokens (asked for {samples})")
+    with _progress() as bar:
+        task = bar.add_task("Tracing", total=len(batch), info=f"{seq_len} tok/sample")
+        prof = profile_model(mdl, batch, config=config, data=describe(data), seed=seed, keep_stats=not no_stats,
+                             on_sample=lambda i: bar.update(task, completed=i))
+    prof.save(path)
+    summary = {"output": str(path), "bytes": path.stat().st_size, "model": prof.model.get("name"),
+               "fingerprint": prof.model["fingerprint"], "samples": len(batch), "seq_len": seq_len,
+               "load_seconds": round(load_s, 2), "trace_seconds": prof.calibration["trace_seconds"],
+               **_head_counts(prof)}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title="kvtool profile", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, str(v))
+    out.print(table)
+    out.print(f"Next: [bold]kvtool inspect {path}[/] (add --plot heads.png for heatmaps)")
+
+
+def _head_counts(prof) -> dict:
+    ret, stream = prof["heads.retrieval_score"], prof["heads.streaming_mass"]
+    return {"kv_heads": ret.numel(), "heads_retrieval_score_over_0.1": int((ret > 0.1).sum()),
+            "mean_streaming_mass": round(stream.mean().item(), 4)}
+
+
+@app.command()
+def inspect(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
+    top: int = typer.Option(10, "--top", help="Rows per table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw heatmaps to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tables as JSON."),
+) -> None:
+    """Summarise a profile: retrieval/streaming heads, layer similarity, outlier channels, PCA."""
+    from kvtool.inspect import plot as draw
+    from kvtool.inspect import summarize
+    from kvtool.profile import Profile
+
+    prof = Profile.load(profile_path)
+    summary = summarize(prof, top=top)
+    if plot is not None:
+        summary["plot"] = str(draw(prof, plot))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    m, c = summary["model"], summary["calibration"]
+    out.print(f"[bold]{profile_path}[/]: {m.get('name') or m['architecture']} — {m['num_layers']} layers, "
+              f"{m['num_attention_heads']} query / {m['num_kv_heads']} KV heads, head_dim {m['head_dim']}; "
+              f"{c.get('samples')} samples, data {c.get('data', {}).get('kind')}")
+    for key, title in (("retrieval_heads", "Most retrieval-like KV heads"),
+                       ("streaming_heads", "Most streaming-like KV heads"),
+                       ("layer_similarity", "Adjacent-layer attention similarity (1 - JS/ln2, mean over KV heads)"),
+                       ("outlier_channels", "Outlier channels (abs-max ≥ 4× the head's median channel)"),
+                       ("pca", "PCA: explained variance at rank r (mean over layers and KV heads)")):
+        rows = summary.get(key)
+        if rows:
+            out.print(_table(title, rows))
+        elif key == "outlier_channels":
+            out.print(f"{title}: none")
+    if plot is not None:
+        out.print(f"Heatmaps written to [bold]{plot}[/]")
+
+
+def _table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in rows[0]:
+        table.add_column(str(col), justify="right")
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    return table
+
+
+@app.command()
+def merge(
+    profiles: list[Path] = typer.Argument(..., help="Profiles of disjoint data shards (same model and settings)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Merged profile to write."),
+) -> None:
+    """Merge profiles traced on shards of the data into the profile of all of it."""
+    from kvtool.api import merge_profiles
+    from kvtool.profile import Profile
+
+    path = _writable_target(output)
+    merged = merge_profiles(*(Profile.load(p) for p in profiles))
+    merged.save(path)
+    out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples) into [bold]{path}[/]")
+
+
+if __name__ == "__main__":
+    main()

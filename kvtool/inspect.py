@@ -1,0 +1,133 @@
+"""What a profile says, as plain data (for tables and --json) and as heatmaps (PNG)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvtool.errors import KvtoolError
+from kvtool.profile import Profile
+
+OUTLIER_RATIO = 4.0   # a channel is an outlier when its abs-max exceeds this many times its head's median abs-max
+
+
+def summarize(profile: Profile, top: int = 10) -> dict:
+    """Tables of a profile: retrieval-like and streaming-like heads, layer similarity, outlier channels, PCA."""
+    out = {"model": profile.model, "calibration": {k: v for k, v in profile.calibration.items() if k != "lengths"}}
+    if "heads.retrieval_score" in profile:
+        out["retrieval_heads"] = _rank_heads(profile, "retrieval", top)
+        out["streaming_heads"] = _rank_heads(profile, "streaming", top)
+    if "layers.similarity" in profile:
+        sim = profile["layers.similarity"]                                      # [L-1, H_kv]
+        out["layer_similarity"] = [
+            {"layers": f"{i}-{i + 1}", "mean": round(sim[i].mean().item(), 4), "min": round(sim[i].min().item(), 4),
+             "max": round(sim[i].max().item(), 4)} for i in range(sim.shape[0])
+        ]
+    out["outlier_channels"] = _outliers(profile, top)
+    out["pca"] = _pca_table(profile)
+    return out
+
+
+def _rank_heads(profile: Profile, kind: str, top: int) -> list[dict]:
+    ret, stream = profile["heads.retrieval_score"], profile["heads.streaming_mass"]   # [L, H_kv]
+    sink, ent = profile["heads.sink_mass"], profile["heads.entropy"]
+    L, H = ret.shape
+    flat = [(l, h) for l in range(L) for h in range(H)]
+    if kind == "retrieval":   # highest copy score first; ties: the least streaming head
+        flat.sort(key=lambda lh: (-ret[lh].item(), stream[lh].item(), lh))
+    else:                     # most attention mass on sink + recent first
+        flat.sort(key=lambda lh: (-stream[lh].item(), ret[lh].item(), lh))
+    return [{"layer": l, "kv_head": h, "retrieval_score": round(ret[l, h].item(), 4),
+             "streaming_mass": round(stream[l, h].item(), 4), "sink_mass": round(sink[l, h].item(), 4),
+             "entropy": round(ent[l, h].item(), 4)} for l, h in flat[:top]]
+
+
+def _outliers(profile: Profile, top: int) -> list[dict]:
+    rows = []
+    for name in ("key_pre", "key_post", "value"):
+        key = f"channels.{name}.absmax"
+        if key not in profile:
+            continue
+        absmax = profile[key]                                                   # [L, H_kv, D]
+        ratio = absmax / absmax.median(-1, keepdim=True).values.clamp_min(1e-6)
+        idx = (ratio >= OUTLIER_RATIO).nonzero().tolist()
+        for l, h, c in idx:
+            rows.append({"tensor": name, "layer": l, "kv_head": h, "channel": c,
+                         "absmax": round(absmax[l, h, c].item(), 3), "x_median": round(ratio[l, h, c].item(), 2)})
+    rows.sort(key=lambda r: -r["x_median"])
+    return rows[:top]
+
+
+def explained(profile: Profile, name: str) -> torch.Tensor:
+    """Cumulative explained-variance fraction [L, H_kv, D] of the PCA of `name` (key_pre / key_post / value)."""
+    ev = profile[f"pca.{name}.eigvals"].double()
+    return (ev.cumsum(-1) / ev.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+
+
+def _pca_table(profile: Profile) -> list[dict]:
+    rows = []
+    for name in ("key_pre", "key_post", "value"):
+        if f"pca.{name}.eigvals" not in profile:
+            continue
+        cum = explained(profile, name)
+        d = cum.shape[-1]
+        ranks = sorted({max(1, d // 16), max(1, d // 8), max(1, d // 4), max(1, d // 2)})
+        rows.append({"tensor": name, "head_dim": d,
+                     **{f"rank {r}": round(cum[..., r - 1].mean().item(), 4) for r in ranks},
+                     "worst head @ d/4": round(cum[..., max(1, d // 4) - 1].min().item(), 4)})
+    return rows
+
+
+def plot(profile: Profile, path: str | os.PathLike) -> Path:
+    """Heatmaps (layer × KV head) of retrieval score, streaming mass, adjacent-layer similarity, PCA at d/4."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("heads.retrieval_score", "retrieval (copy) score", "magma"),
+              ("heads.streaming_mass", "attention mass on sink + recent", "viridis"),
+              ("layers.similarity", "similarity to next layer (1 - JS)", "cividis")]
+    panels = [(k, t, c) for k, t, c in panels if k in profile]
+    pca = [n for n in ("key_pre", "value") if f"pca.{n}.eigvals" in profile]
+    fig, axes = plt.subplots(1, len(panels) + len(pca), figsize=(3.2 * (len(panels) + len(pca)), 6), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title, cmap) in zip(axes, panels):
+        _heat(fig, ax, profile[key], title, cmap)
+    for ax, name in zip(axes[len(panels):], pca):
+        cum = explained(profile, name)
+        r = max(1, cum.shape[-1] // 4)
+        _heat(fig, ax, cum[..., r - 1], f"{name} PCA: variance in rank {r}", "plasma")
+    fig.suptitle(f"kvtool profile: {profile.model.get('name') or profile.model.get('architecture')}")
+    fig.tight_layout()
+    return _save_figure(fig, Path(path))
+
+
+def _heat(fig, ax, data: torch.Tensor, title: str, cmap: str) -> None:
+    im = ax.imshow(data.float().numpy(), aspect="auto", cmap=cmap, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    if path.suffix.lower() != ".png":
+        raise KvtoolError(f"--plot {path}: give a .png file name")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise KvtoolError(f"cannot write {path}: directory {path.parent} is missing or not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
