@@ -88,7 +88,7 @@ def profile(
     needles: int = typer.Option(3, "--needles", help="Passkeys per built-in sample."),
     sink: int = typer.Option(64, "--sink", help="Sink tokens for the streaming statistics."),
     recent: int = typer.Option(256, "--recent", help="Recent window for the streaming statistics."),
-    query_samples: int = typer.Option(256, "--query-samples", help="Queries per sample whose attention rows are traced (0 = all)."),
+    query_samples: int = typer.Option(128, "--query-samples", help="Queries per sample whose attention rows are traced (0 = all)."),
     seed: int = typer.Option(42, "--seed"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Leave out raw statistics (smaller file; cannot be merged)."),

@@ -134,10 +134,11 @@ class Moments(Accumulator):
 
     def add(self, layer: int, x: torch.Tensor) -> None:
         """x: [N, H, D] of one layer."""
-        x = x.detach().to(torch.float64).transpose(0, 1)                      # [H, N, D]
+        # One sample's sums in float32 (N ~ thousands: ~1e-6 relative), accumulated across samples in float64.
+        x = x.detach().float().transpose(0, 1)                                 # [H, N, D]
         self.n[layer] += x.shape[1]
-        self.s[layer] += x.sum(1)
-        self.ss[layer] += x.transpose(1, 2) @ x
+        self.s[layer] += x.sum(1).double()
+        self.ss[layer] += (x.transpose(1, 2) @ x).double()
 
     def pca(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean [L,H,D], eigenvalues [L,H,D] descending, basis [L,H,D,D] with eigenvectors as columns), float32.

@@ -39,7 +39,7 @@ DEFAULT_QUANTILES = (0.001, 0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.99
 class TraceConfig:
     sink: int = 64               # sink tokens for the streaming-mass statistics
     recent: int = 256            # recent window for the streaming-mass statistics
-    query_samples: int = 256     # queries per sample for masses/entropy; 0 = every eligible query
+    query_samples: int = 128     # queries per sample for masses/entropy; 0 = every eligible query
     window: int = 32             # last queries whose rows are compared across layers
     chunk: int = 64              # query rows computed at once
     recall_threshold: float = 0.5
@@ -337,9 +337,9 @@ class _RowMaker:
         mask = None if self.mask is None else self.mask[0, 0][pos.to(self.mask.device)]    # [n, S]
         if mask is not None and width < s and (mask.dtype != torch.bool or mask[:, width:].any()):
             width = s
-        q = self.q[:, pos].view(hkv, self.group, -1, d)                         # [H_kv, G, n, D]
+        q = self.q[:, pos].view(hkv, self.group, -1, d) * self.scaling          # [H_kv, G, n, D]
         k = self.k[:, :width]                                                   # [H_kv, S', D]
-        scores = (q @ k.transpose(1, 2).unsqueeze(1)) * self.scaling            # [H_kv, G, n, S']
+        scores = q @ k.transpose(1, 2).unsqueeze(1)                             # [H_kv, G, n, S']
         scores = scores.reshape(hq, -1, width)
         if self.softcap:
             scores = torch.tanh(scores / self.softcap) * self.softcap

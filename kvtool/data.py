@@ -1,0 +1,270 @@
+"""Calibration data for KV-cache profiling: synthetic passkey samples and user text files.
+
+The passkey layout follows DuoAttention (Xiao et al., arXiv 2410.10819): a long haystack holding several
+"The first passkey is: ..." needles, followed by questions whose answers repeat the passkey words. Answer
+tokens copy needle tokens exactly, which gives the (answer_pos, source_pos) copy pairs used to score
+retrieval heads as in the Retrieval Head paper (Wu et al., arXiv 2404.15574). The haystack is the Python
+standard library's own documentation (`pydoc_data.topics`), so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kvtool.errors import KvtoolError
+
+NATO_WORDS: tuple[str, ...] = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
+    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
+    "xray", "yankee", "zulu",
+)
+INTRO = "There are important passkeys hidden in the text below. Remember them.\n\n"
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+_DEPTH_GRID = np.linspace(0.05, 0.95, 1000)
+_HAYSTACK_SOURCE = "pydoc_data.topics"
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # [T] int64
+    copy_pairs: torch.Tensor  # [N, 2] int64, rows (answer_pos, source_pos); [0, 2] for plain text
+    needle_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each needle's words
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each answer's words
+    meta: dict = field(default_factory=dict)  # json-serialisable provenance
+
+
+@dataclass
+class _Plan:
+    """One passkey sample before assembly: token pieces and the haystack budget."""
+    seq_len: int
+    depths: list[float]
+    words: list[list[str]]
+    pieces: list[tuple[list[int], list[int], list[int]]]  # per needle: (prefix, key, suffix) ids
+    answers: list[tuple[list[int], list[int]]]  # per needle: (question prefix, final ".") ids
+    fixed: int  # tokens that are not haystack
+    u: float  # uniform draw that picks the haystack window
+
+    @property
+    def hay_len(self) -> int:
+        return self.seq_len - self.fixed
+
+
+@lru_cache(maxsize=1)
+def haystack_text() -> str:
+    """All pydoc topics, joined in sorted key order (deterministic for a given Python version)."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def ordinal(n: int) -> str:
+    """1 -> "first", ..., 10 -> "tenth", 11 -> "11th", 22 -> "22nd"."""
+    if n <= len(_ORDINALS):
+        return _ORDINALS[n - 1]
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return [int(t) for t in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [int(bos)] if bos is not None else []
+
+
+def _check_positive(name: str, value, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise KvtoolError(f"{name} must be a whole number of at least 1 (got {value!r}); {fix}")
+
+
+def _check_samples(n_samples) -> None:
+    if isinstance(n_samples, (int, np.integer)) and not isinstance(n_samples, bool) and n_samples < 1:
+        raise KvtoolError(f"zero samples: n_samples must be at least 1 (got {n_samples}); ask for 1 or more samples")
+    _check_positive("n_samples", n_samples, "ask for 1 or more samples")
+
+
+def _lengths(seq_len: int | Sequence[int], n_samples: int) -> list[int]:
+    lens = [seq_len] if isinstance(seq_len, (int, np.integer)) else list(seq_len)
+    if not lens:
+        raise KvtoolError("seq_len is an empty list; give one length or a list of lengths in tokens")
+    for length in lens:
+        _check_positive("seq_len", length, "give the sample length in tokens")
+    return [int(lens[i % len(lens)]) for i in range(n_samples)]
+
+
+def _check_depths(depths: Sequence[float], n_needles: int) -> list[float]:
+    out = [float(d) for d in depths]
+    if len(out) != n_needles:
+        raise KvtoolError(f"got {len(out)} depths for {n_needles} needles; give one depth per needle")
+    bad = [d for d in out if not 0.0 <= d <= 1.0]
+    if bad:
+        raise KvtoolError(f"needle depth {bad[0]} is outside [0, 1]; depths are fractions of the haystack")
+    return sorted(out)
+
+
+def _plan(tokenizer, i: int, seq_len: int, seed: int, n_needles: int, words_per_needle: int,
+          depths: list[float] | None, head: int) -> _Plan:
+    rng = np.random.default_rng(seed + i)
+    if depths is None:
+        depths = sorted(float(d) for d in rng.choice(_DEPTH_GRID, n_needles, replace=n_needles > len(_DEPTH_GRID)))
+    words = [[NATO_WORDS[k] for k in rng.integers(0, len(NATO_WORDS), words_per_needle)] for _ in range(n_needles)]
+    pieces, answers = [], []
+    for j, ws in enumerate(words):
+        nth = ordinal(j + 1)
+        key = _encode(tokenizer, " " + " ".join(ws))  # encoded once, reused for needle and answer
+        pieces.append((_encode(tokenizer, f"\nThe {nth} passkey is:"), key, _encode(tokenizer, ". Remember it.\n")))
+        answers.append((_encode(tokenizer, f"\nWhat is the {nth} passkey? The {nth} passkey is:"),
+                        _encode(tokenizer, ".")))
+    fixed = head + sum(len(a) + len(b) + len(c) for a, b, c in pieces)
+    fixed += sum(len(q) + len(key) + len(e) for (q, e), (_, key, _) in zip(answers, pieces))
+    return _Plan(seq_len, depths, words, pieces, answers, fixed, float(rng.random()))
+
+
+def _haystack_ids(tokenizer, need: int) -> list[int]:
+    """Tokenise a long slice of the haystack once; tile it if even the whole text is too short."""
+    text = haystack_text()
+    ids = _encode(tokenizer, text[:max(8 * need, 200_000)])
+    while len(ids) < max(need, 1):
+        ids = ids + ids
+    return ids
+
+
+def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -> Sample:
+    H = plan.hay_len
+    offset = int(plan.u * (len(hay) - H + 1))
+    window = hay[offset:offset + H]
+    ids, needle_spans, answer_spans, prev = list(head), [], [], 0
+    for d, (pre, key, post) in zip(plan.depths, plan.pieces):
+        cut = int(round(d * H))
+        ids += window[prev:cut] + pre
+        needle_spans.append((len(ids), len(ids) + len(key)))
+        ids += key + post
+        prev = cut
+    ids += window[prev:]
+    for (q, end), (_, key, _) in zip(plan.answers, plan.pieces):
+        ids += q
+        answer_spans.append((len(ids), len(ids) + len(key)))
+        ids += key + end
+    assert len(ids) == plan.seq_len
+    pairs = [(a + t, n + t) for (a, _), (n, m) in zip(answer_spans, needle_spans) for t in range(m - n)]
+    meta = {"kind": "passkey", "source": _HAYSTACK_SOURCE, "sample": i, "seed": seed, "seq_len": plan.seq_len,
+            "depths": plan.depths, "passkeys": [" ".join(w) for w in plan.words], "haystack_offset": offset}
+    return Sample(torch.tensor(ids, dtype=torch.int64),  # input_ids: [T]
+                  torch.tensor(pairs, dtype=torch.int64).view(-1, 2),  # copy_pairs: [N, 2]
+                  needle_spans, answer_spans, meta)
+
+
+def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, n_needles: int = 3,
+                    words_per_needle: int = 8, depths: Sequence[float] | None = None, seed: int = 42) -> list[Sample]:
+    """DuoAttention-style passkey samples of exactly `seq_len` tokens (a list of lengths cycles over samples)."""
+    _check_samples(n_samples)
+    _check_positive("n_needles", n_needles, "use 1 or more needles")
+    _check_positive("words_per_needle", words_per_needle, "use 1 or more words per passkey")
+    fixed_depths = None if depths is None else _check_depths(depths, n_needles)
+    head = _bos(tokenizer) + _encode(tokenizer, INTRO)
+    plans = [_plan(tokenizer, i, L, seed, n_needles, words_per_needle, fixed_depths, len(head))
+             for i, L in enumerate(_lengths(seq_len, n_samples))]
+    short = [p for p in plans if p.hay_len < 0]
+    if short:
+        need = max(p.fixed for p in plans)
+        raise KvtoolError(f"seq_len {short[0].seq_len} is too short for the passkey layout: intro + {n_needles} "
+                          f"needles + answers need at least {need} tokens; raise seq_len or use fewer needles/words")
+    hay = _haystack_ids(tokenizer, max(p.hay_len for p in plans))
+    return [_assemble(p, head, hay, i, seed) for i, p in enumerate(plans)]
+
+
+def _jsonl_text(raw: str, path: Path, sep: str) -> str:
+    docs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KvtoolError(f"{path} line {n} is not valid JSON ({e.msg}); write one {{\"text\": ...}} object per line")
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise KvtoolError(f"{path} line {n} has no string \"text\" field; write one {{\"text\": ...}} object per line")
+        docs.append(obj["text"])
+    return sep.join(docs)
+
+
+def _read_text(path: Path, sep: str) -> str:
+    if not path.exists():
+        raise KvtoolError(f"no such data file: {path}; give 'passkey' or an existing .txt / .jsonl file")
+    ext = path.suffix.lower()
+    if ext not in (".txt", ".jsonl"):
+        raise KvtoolError(f"unsupported data file type '{path.suffix}' ({path}); use a .txt or .jsonl file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KvtoolError(f"cannot read data file {path}: not UTF-8 text (bad byte at {e.start}); save it as UTF-8")
+    except OSError as e:
+        raise KvtoolError(f"cannot read data file {path}: {e.strerror or e}; check that it is a readable file")
+    return raw if ext == ".txt" else _jsonl_text(raw, path, sep)
+
+
+def text_file_samples(path: str | os.PathLike, tokenizer, seq_len: int, n_samples: int | None = None) -> list[Sample]:
+    """Consecutive non-overlapping `seq_len`-token windows of a .txt / .jsonl file (BOS first, if any)."""
+    if n_samples is not None:
+        _check_samples(n_samples)
+    bos = _bos(tokenizer)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= len(bos):
+        raise KvtoolError(f"seq_len must be a whole number above {len(bos)} (got {seq_len!r}); give the length in tokens")
+    text = _read_text(Path(path), getattr(tokenizer, "eos_token", None) or "\n\n")
+    ids = _encode(tokenizer, text)
+    width = int(seq_len) - len(bos)
+    n_win = len(ids) // width
+    if n_win == 0:
+        raise KvtoolError(f"data file {path} has only {len(ids)} tokens, too few for one sample of {seq_len} tokens; "
+                          "use a longer file or a smaller seq_len")
+    take = n_win if n_samples is None else min(n_samples, n_win)
+    empty = torch.zeros((0, 2), dtype=torch.int64)  # copy_pairs: [0, 2]
+    return [Sample(torch.tensor(bos + ids[i * width:(i + 1) * width], dtype=torch.int64), empty.clone(), [], [],
+                   {"kind": "text", "source": os.fspath(path), "window": i}) for i in range(take)]
+
+
+def _is_passkey(data: str | None) -> bool:
+    return data is None or data == "passkey"
+
+
+def load_samples(data: str | None, tokenizer, n_samples: int, seq_len: int, *, seed: int = 42,
+                 **passkey_kwargs) -> list[Sample]:
+    """data None or "passkey" -> passkey_samples; otherwise a path to .txt or .jsonl -> text_file_samples."""
+    _check_samples(n_samples)
+    if _is_passkey(data):
+        return passkey_samples(tokenizer, n_samples, seq_len, seed=seed, **passkey_kwargs)
+    return text_file_samples(data, tokenizer, seq_len, n_samples)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(data: str | None) -> dict:
+    """Json-serialisable provenance of the calibration data."""
+    if _is_passkey(data):
+        digest = hashlib.sha256(haystack_text().encode("utf-8")).hexdigest()
+        return {"kind": "passkey", "source": _HAYSTACK_SOURCE, "python": platform.python_version(),
+                "haystack_sha256": digest}
+    path = Path(data).resolve()
+    if not path.is_file():
+        raise KvtoolError(f"no such data file: {data}; give 'passkey' or an existing .txt / .jsonl file")
+    try:
+        return {"kind": "file", "path": str(path), "sha256": _sha256(path), "size": path.stat().st_size}
+    except OSError as e:
+        raise KvtoolError(f"cannot read data file {path}: {e.strerror or e}; check that it is a readable file")
