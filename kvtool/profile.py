@@ -1,0 +1,201 @@
+"""The `.kv.st` profile: a safetensors file of tensors named by section plus `kvtool.*` JSON metadata.
+
+Format (docs/profile-format.md): tensors `heads.*` [L, H_kv, ...], `layers.*` [L-1 or L, ...], `channels.*`,
+`pca.*`, `quant.*` [L, H_kv, D, ...], raw mergeable statistics `stats.*`; metadata keys `kvtool.format_version`,
+`kvtool.model`, `kvtool.calibration`, `kvtool.policy` (JSON strings). Writes are atomic; loading validates shapes and
+metadata and refuses a profile made for another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvtool.errors import KvtoolError
+
+FORMAT_VERSION = "1"
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
+             "_attn_implementation_internal", "_attn_implementation_autoset", "quantization_config", "use_cache",
+             "_commit_hash", "output_attentions", "output_hidden_states", "return_dict"}
+_SAMPLE = 65536
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the config (minus volatile keys) and the weights.
+
+    Weights: every tensor of `model.state_dict()` sorted by name contributes its name, shape and an evenly strided
+    sample of at most 65536 elements cast to float32 — cheap for an 8B model, and any real change of weights (a
+    fine-tune, another checkpoint) changes it. The same weights loaded in another dtype give another fingerprint
+    only if the values round differently.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE)
+        sample = flat[::step][:_SAMPLE].to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_meta(model, name: str | None = None) -> dict:
+    """The `kvtool.model` record: architecture, shapes, rope, context, layer types and the fingerprint."""
+    cfg = _text_config(model)
+    heads = cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if rope is None and getattr(cfg, "rope_theta", None) is not None:
+        rope = {"rope_theta": cfg.rope_theta}
+    return {
+        "architecture": (model.config.architectures or [type(model).__name__])[0]
+        if getattr(model.config, "architectures", None) else type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "num_layers": cfg.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "rope": json.loads(json.dumps(rope, default=str)) if rope is not None else None,
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+        "layer_types": list(getattr(cfg, "layer_types", None) or []) or None,
+        "name": name,
+        "fingerprint": model_fingerprint(model),
+    }
+
+
+@dataclass
+class Profile:
+    tensors: dict[str, torch.Tensor]
+    model: dict
+    calibration: dict
+    policy: dict = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+
+    # -- access ------------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise KvtoolError(f"profile has no tensor {name!r}")
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix.` with the prefix stripped."""
+        p = prefix.rstrip(".") + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def validate(self, where: str = "profile") -> None:
+        """Shapes against the model record; no NaN/inf outside `stats.`."""
+        m = self.model
+        try:
+            L, H, D = int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"])
+        except (KeyError, TypeError, ValueError):
+            raise KvtoolError(f"{where}: kvtool.model lacks num_layers / num_kv_heads / head_dim") from None
+        for name, t in self.tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise KvtoolError(f"{where}: {name} is not a tensor")
+            shape, section = tuple(t.shape), name.split(".", 1)[0]
+            expect = {"heads": (L, H), "channels": (L, H, D), "pca": (L, H, D), "quant": (L, H, D)}.get(section)
+            if expect is not None and shape[: len(expect)] != expect:
+                raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected it to start with {list(expect)}")
+            if section == "pca" and name.endswith(".basis") and shape[3:4] != (D,):
+                raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected [{L}, {H}, {D}, {D}]")
+            if section == "layers" and (not shape or shape[0] not in (L, L - 1)):
+                raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected it to start with {L - 1} or {L}")
+            if section != "stats" and t.is_floating_point() and not torch.isfinite(t).all():
+                raise KvtoolError(f"{where}: {name} contains NaN or inf")
+
+    def check_model(self, model) -> None:
+        """Refuse a profile made for another model (shape mismatch, or same shape but other weights)."""
+        other = model_meta(model)
+        for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim"):
+            if self.model.get(key) != other[key]:
+                raise KvtoolError(
+                    f"profile was made for another model: {key} is {self.model.get(key)} in the profile "
+                    f"({self.model.get('architecture')}) but {other[key]} in {other['architecture']}"
+                )
+        if self.model.get("fingerprint") != other["fingerprint"]:
+            raise KvtoolError(
+                f"profile was made for a different model (fingerprint {str(self.model.get('fingerprint'))[:12]} "
+                f"!= {other['fingerprint'][:12]}): same shapes, other weights"
+            )
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: temporary file in the same directory, fsync, rename. Nothing is left on failure."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        self.validate(str(path))
+        if not path.parent.is_dir():
+            raise KvtoolError(f"cannot write {path}: directory {path.parent} does not exist")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        meta = {"kvtool.format_version": self.format_version, "kvtool.model": json.dumps(self.model),
+                "kvtool.calibration": json.dumps(self.calibration), "kvtool.policy": json.dumps(self.policy)}
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise KvtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise KvtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> "Profile":
+        """Read and validate a profile; with `model`, also refuse a profile made for another model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise KvtoolError(f"profile {path} does not exist" if not path.exists() else f"profile {path} is not a file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None
+        version = meta.get("kvtool.format_version")
+        if version is None:
+            raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
+        if version.split(".")[0] != FORMAT_VERSION:
+            raise KvtoolError(f"{path}: format version {version} is not supported by this kvtool (supports {FORMAT_VERSION})")
+        parsed = {}
+        for key, required in (("model", True), ("calibration", True), ("policy", False)):
+            raw = meta.get(f"kvtool.{key}")
+            if raw is None and required:
+                raise KvtoolError(f"{path}: kvtool.{key} metadata is missing")
+            try:
+                parsed[key] = json.loads(raw) if raw is not None else {}
+            except json.JSONDecodeError:
+                raise KvtoolError(f"{path}: kvtool.{key} metadata is not valid JSON") from None
+            if not isinstance(parsed[key], dict):
+                raise KvtoolError(f"{path}: kvtool.{key} metadata must be a JSON object")
+        profile = cls(tensors, parsed["model"], parsed["calibration"], parsed["policy"], version)
+        profile.validate(str(path))
+        if model is not None:
+            profile.check_model(model)
+        return profile
