@@ -71,7 +71,7 @@ def _writable_target(path: Path) -> Path:
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=False)
+                    console=err, transient=True)
 
 
 def _default_output(model: Optional[str]) -> Path:
@@ -119,6 +119,7 @@ def profile(
         task = bar.add_task("Tracing", total=len(batch), info=f"{seq_len} tok/sample")
         prof = profile_model(mdl, batch, config=config, data=describe(data), seed=seed, keep_stats=not no_stats,
                              on_sample=lambda i: bar.update(task, completed=i))
+    err.print(f"Traced {len(batch)} samples of {seq_len} tokens in {prof.calibration['trace_seconds']:.1f} s")
     prof.save(path)
     summary = {"output": str(path), "bytes": path.stat().st_size, "model": prof.model.get("name"),
                "fingerprint": prof.model["fingerprint"], "samples": len(batch), "seq_len": seq_len,

