@@ -152,6 +152,9 @@ class Profile:
             raise KvtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
         os.close(fd)
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes 0600; a profile is an ordinary file
             save_file(tensors, tmp, metadata=meta)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
