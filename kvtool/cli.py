@@ -37,13 +37,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors: typer vendors its own click, so match by shape, not by class
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if exc.format_message().strip():   # empty after `kvtool` alone, which has printed the help
+                err.print(f"[bold red]Error:[/] {exc.format_message()}", soft_wrap=True)
+            sys.exit(exc.exit_code or 2)
+        if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
 

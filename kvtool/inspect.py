@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from kvtool.errors import KvtoolError
+from kvtool.fileio import atomic_write
 from kvtool.profile import Profile
 
 OUTLIER_RATIO = 4.0   # a channel is an outlier when its abs-max exceeds this many times its head's median abs-max
@@ -117,17 +117,9 @@ def _heat(fig, ax, data: torch.Tensor, title: str, cmap: str) -> None:
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    if path.suffix.lower() != ".png":
-        raise KvtoolError(f"--plot {path}: give a .png file name")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise KvtoolError(f"cannot write {path}: directory {path.parent} is missing or not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        if path.suffix.lower() != ".png":
+            raise KvtoolError(f"--plot {path}: give a .png file name")
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -91,11 +91,14 @@ def _load_named(name: str, dtype: torch.dtype):
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except OSError:
         raise KvtoolError(
-            f"cannot load model {name!r} from local files (nothing is downloaded): {first}"
+            f"cannot find model {name!r} locally: it is not a directory and not in the local Hugging Face cache "
+            "(kvtool never downloads; fetch it first, or pass a local directory or .gguf file)"
         ) from None
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KvtoolError(f"cannot load model {name!r}: {first}") from None
     return model, tok
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kvtool.errors import KvtoolError
+from kvtool.fileio import atomic_write
 
 FORMAT_VERSION = "1"
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
@@ -141,30 +141,10 @@ class Profile:
 
         path = Path(path)
         self.validate(str(path))
-        if not path.parent.is_dir():
-            raise KvtoolError(f"cannot write {path}: directory {path.parent} does not exist")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         meta = {"kvtool.format_version": self.format_version, "kvtool.model": json.dumps(self.model),
                 "kvtool.calibration": json.dumps(self.calibration), "kvtool.policy": json.dumps(self.policy)}
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise KvtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
-        os.close(fd)
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)                       # mkstemp makes 0600; a profile is an ordinary file
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise KvtoolError(f"cannot write {path}: {exc.strerror or exc}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "Profile":

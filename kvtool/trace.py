@@ -45,6 +45,13 @@ class TraceConfig:
     recall_threshold: float = 0.5
     quantile_levels: tuple[float, ...] = DEFAULT_QUANTILES
 
+    def __post_init__(self) -> None:
+        for name, least in (("sink", 0), ("recent", 1), ("query_samples", 0), ("window", 1), ("chunk", 1)):
+            if getattr(self, name) < least:
+                raise KvtoolError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
+        if not all(0.0 <= q <= 1.0 for q in self.quantile_levels):
+            raise KvtoolError("quantile levels must lie in [0, 1]")
+
     @classmethod
     def from_dict(cls, d: dict) -> "TraceConfig":
         d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}

@@ -88,8 +88,9 @@ def test_profile_inspect_merge_roundtrip(capsys, tiny_dir, tmp_path):
     assert code == 0 and "Most streaming-like KV heads" in out and "PCA" in out
 
 
-@pytest.mark.parametrize("case", ["unknown_model", "missing_data", "unreadable_data", "too_long", "zero_samples",
-                                  "not_writable", "output_is_dir", "short_data"])
+@pytest.mark.parametrize("case", ["unknown_model", "unknown_hf_id", "missing_data", "unreadable_data", "too_long",
+                                  "zero_samples", "not_writable", "output_is_dir", "short_data", "negative_sink",
+                                  "not_an_int"])
 def test_bad_input_is_one_line_error(capsys, tiny_dir, tmp_path, case):
     out = tmp_path / "x.kv.st"
     bad_bytes = tmp_path / "bad.txt"
@@ -98,6 +99,9 @@ def test_bad_input_is_one_line_error(capsys, tiny_dir, tmp_path, case):
     short.write_text("just a few words")
     args, needle = {
         "unknown_model": (["profile", tmp_path / "no-such-model", *FAST, "-o", out], "does not exist"),
+        "unknown_hf_id": (["profile", "no-org/no-model", *FAST, "-o", out], "never downloads"),
+        "negative_sink": (["profile", tiny_dir, *FAST, "--sink", "-1", "-o", out], "--sink must be at least 0"),
+        "not_an_int": (["profile", tiny_dir, "--samples", "many", "-o", out], "--samples"),
         "missing_data": (["profile", tiny_dir, *FAST, "--data", tmp_path / "nope.txt", "-o", out], "nope.txt"),
         "unreadable_data": (["profile", tiny_dir, *FAST, "--data", bad_bytes, "-o", out], "bad.txt"),
         "too_long": (["profile", tiny_dir, "--seq-len", "4096", "-o", out], "context of 256"),

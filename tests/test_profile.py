@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ def prof(model):
 
 def test_round_trip_is_bit_exact(prof, model, tmp_path):
     path = prof.save(tmp_path / "p.kv.st")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask      # an ordinary file, not mkstemp's 0600
     back = Profile.load(path, model=model)
     assert set(back.tensors) == set(prof.tensors)
     for name, t in prof.tensors.items():
