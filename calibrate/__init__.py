@@ -1,8 +1,9 @@
 """Calibration methods, one module per method, registered by name.
 
 A method reads traced statistics (or runs its own optimisation) and writes one section of a profile. Methods
-register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. The reference
-methods (duo, razor, retrieval, kvquant, pca, pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
+register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. Head methods return
+a `calibrate.heads.HeadsResult`. Implemented: `retrieval`, `razor`; the other reference methods (duo, kvquant, pca,
+pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from typing import Callable
 from kvtool.errors import KvtoolError
 
 _REGISTRY: dict[str, Callable] = {}
+_MODULES = ("retrieval", "razor")   # imported on first lookup; each registers itself
+
+
+def _load() -> None:
+    import importlib
+
+    for name in _MODULES:
+        importlib.import_module(f"calibrate.{name}")
 
 
 def register(name: str) -> Callable:
@@ -27,6 +36,7 @@ def register(name: str) -> Callable:
 
 
 def get(name: str):
+    _load()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none yet"
         raise KvtoolError(f"unknown calibration method {name!r} (known: {known})")
@@ -34,4 +44,5 @@ def get(name: str):
 
 
 def names() -> list[str]:
+    _load()
     return sorted(_REGISTRY)

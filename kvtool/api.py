@@ -91,3 +91,39 @@ def merge_profiles(*profiles: Profile) -> Profile:
                        data=datas[0] if all(d == datas[0] for d in datas) else {"kind": "merged", "parts": datas},
                        merged_from=len(profiles))
     return build_profile(stats, dict(first.model), calibration)
+
+
+def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, fraction: float | None = None,
+              options: dict | None = None, on_progress=None) -> Profile:
+    """Run a registered head-classification method and return `profile` (or a new one) with its `heads.<method>.*`
+    section: continuous score, chosen mask, method extras; provenance and windows under
+    kvtool.calibration["methods"][method]; the default policy's `heads` set to `<method>:<fraction kept>`."""
+    import calibrate as registry
+    from calibrate.heads import check_fraction
+
+    runner_cls = registry.get(method)
+    if fraction is not None:
+        check_fraction(fraction)
+    if profile is not None:
+        profile.check_model(model)
+    try:
+        runner = runner_cls(**(options or {}))
+    except TypeError as exc:
+        raise KvtoolError(f"bad option for --method {method}: {exc}") from None
+    start = time.perf_counter()
+    result = runner.run(model, tokenizer, profile=profile, fraction=fraction, on_progress=on_progress)
+    if profile is None:
+        profile = Profile(tensors={}, model=model_meta(model, name=getattr(model, "kvtool_name", None)),
+                          calibration={"data": {"kind": method}, "samples": 0, "lengths": [], "methods": {},
+                                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                       "kvtool_version": __version__},
+                          policy=dict(DEFAULT_POLICY))
+    tensors = {k: v for k, v in profile.tensors.items() if not k.startswith(f"heads.{method}.")}
+    tensors.update({f"heads.{method}.{name}": t for name, t in result.tensors.items()})
+    calibration = dict(profile.calibration)
+    calibration["methods"] = {**calibration.get("methods", {}),
+                              method: {**result.params, "windows": result.windows,
+                                       "seconds": round(time.perf_counter() - start, 2)}}
+    kept = result.tensors["mask"].float().mean().item()
+    policy = {**profile.policy, "heads": f"{method}:{kept:.4g}"}
+    return Profile(tensors=tensors, model=profile.model, calibration=calibration, policy=policy)

@@ -163,6 +163,10 @@ def inspect(
     out.print(f"[bold]{profile_path}[/]: {m.get('name') or m['architecture']} — {m['num_layers']} layers, "
               f"{m['num_attention_heads']} query / {m['num_kv_heads']} KV heads, head_dim {m['head_dim']}; "
               f"{c.get('samples')} samples, data {c.get('data', {}).get('kind')}")
+    for name, m in summary.get("methods", {}).items():
+        heads = ", ".join(f"{l}.{h}" for l, h in m["heads (layer, kv_head) by score"])
+        out.print(f"[bold]{name}[/]: {m['retrieval_heads']} of {m['kv_heads']} KV heads are retrieval heads "
+                  f"(layer.head, best first): {heads or '-'}")
     for key, title in (("retrieval_heads", "Most retrieval-like KV heads"),
                        ("streaming_heads", "Most streaming-like KV heads"),
                        ("layer_similarity", "Adjacent-layer attention similarity (1 - JS/ln2, mean over KV heads)"),
@@ -184,6 +188,50 @@ def _table(title: str, rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(*(str(v) for v in r.values()))
     return table
+
+
+@app.command()
+def calibrate(
+    method: str = typer.Option(..., "--method", "-m", help="Head classification: retrieval or razor."),
+    model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
+    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else <model>.kv.st)."),
+    fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help="Keep this fraction of KV heads as retrieval heads (global quantile of the score) instead of the method's own rule."),
+    samples: int = typer.Option(8, "--samples", "-n", help="retrieval: passkey samples."),
+    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="retrieval: tokens per sample."),
+    probe_len: int = typer.Option(2500, "--probe-len", help="razor: random tokens per copy (scaled down to the context)."),
+    dtype: str = typer.Option("float32", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Classify KV heads as retrieval (whole context) or streaming (sink + recent) and write heads.<method>.*"""
+    import calibrate as registry
+    from calibrate.heads import check_fraction
+    from kvtool.api import calibrate as run_calibration
+    from kvtool.models import load_model
+    from kvtool.profile import Profile
+
+    registry.get(method)                                       # unknown method: fail before loading anything
+    if fraction is not None:
+        check_fraction(fraction)
+    path = _writable_target(output or profile_in or _default_output(model))
+    options = {"retrieval": {"samples": samples, "seq_len": seq_len}, "razor": {"probe_len": probe_len}}.get(method, {})
+    _quiet_libraries()
+    with err.status("Loading model"):
+        mdl, tok = load_model(model, dtype=dtype)
+        base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
+    with _progress() as bar:
+        task = bar.add_task(f"calibrate {method}", total=samples if method == "retrieval" else 1, info="")
+        prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
+                               on_progress=lambda i: bar.update(task, completed=i))
+    prof.save(path)
+    mask = prof[f"heads.{method}.mask"]
+    summary = {"output": str(path), "method": method, "retrieval_heads": int(mask.sum()), "kv_heads": mask.numel(),
+               "policy": prof.policy, "seconds": prof.calibration["methods"][method]["seconds"]}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(f"{method}: {summary['retrieval_heads']} of {summary['kv_heads']} KV heads are retrieval heads "
+              f"({summary['seconds']} s) -> [bold]{path}[/]")
 
 
 @app.command()

@@ -26,6 +26,9 @@ def summarize(profile: Profile, top: int = 10) -> dict:
             {"layers": f"{i}-{i + 1}", "mean": round(sim[i].mean().item(), 4), "min": round(sim[i].min().item(), 4),
              "max": round(sim[i].max().item(), 4)} for i in range(sim.shape[0])
         ]
+    methods = _methods(profile)
+    if methods:
+        out["methods"] = methods
     out["outlier_channels"] = _outliers(profile, top)
     out["pca"] = _pca_table(profile)
     return out
@@ -43,6 +46,19 @@ def _rank_heads(profile: Profile, kind: str, top: int) -> list[dict]:
     return [{"layer": l, "kv_head": h, "retrieval_score": round(ret[l, h].item(), 4),
              "streaming_mass": round(stream[l, h].item(), 4), "sink_mass": round(sink[l, h].item(), 4),
              "entropy": round(ent[l, h].item(), 4)} for l, h in flat[:top]]
+
+
+def _methods(profile: Profile) -> dict:
+    """Per calibration method with a `heads.<method>.mask`: how many retrieval heads, and which."""
+    out = {}
+    for name in sorted({k.split(".")[1] for k in profile.tensors if k.startswith("heads.") and k.endswith(".mask")}):
+        mask, score = profile[f"heads.{name}.mask"], profile[f"heads.{name}.score"]
+        heads = [(l, h) for l, h in mask.nonzero().tolist()]
+        heads.sort(key=lambda lh: -score[lh].item())
+        out[name] = {"retrieval_heads": len(heads), "kv_heads": mask.numel(),
+                     "fraction": round(len(heads) / mask.numel(), 4),
+                     "heads (layer, kv_head) by score": [list(lh) for lh in heads]}
+    return out
 
 
 def _outliers(profile: Profile, top: int) -> list[dict]:
@@ -86,17 +102,23 @@ def plot(profile: Profile, path: str | os.PathLike) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     panels = [("heads.retrieval_score", "retrieval (copy) score", "magma"),
               ("heads.streaming_mass", "attention mass on sink + recent", "viridis"),
               ("layers.similarity", "similarity to next layer (1 - JS)", "cividis")]
     panels = [(k, t, c) for k, t, c in panels if k in profile]
+    panels += [(f"heads.{m}.score", f"{m} score (□ = retrieval head)", "magma") for m in _methods(profile)]
     pca = [n for n in ("key_pre", "value") if f"pca.{n}.eigvals" in profile]
     fig, axes = plt.subplots(1, len(panels) + len(pca), figsize=(3.2 * (len(panels) + len(pca)), 6), squeeze=False)
     axes = axes[0]
     for ax, (key, title, cmap) in zip(axes, panels):
         _heat(fig, ax, profile[key], title, cmap)
+        mask_key = key.replace(".score", ".mask")
+        if key.endswith(".score") and mask_key in profile:
+            for l, h in profile[mask_key].nonzero().tolist():
+                ax.add_patch(matplotlib.patches.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.2))
     for ax, name in zip(axes[len(panels):], pca):
         cum = explained(profile, name)
         r = max(1, cum.shape[-1] // 4)

@@ -141,7 +141,12 @@ class Profile:
 
         path = Path(path)
         self.validate(str(path))
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        tensors, seen = {}, set()
+        for k, v in self.tensors.items():
+            v = v.detach().to("cpu").contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            tensors[k] = v.clone() if ptr in seen else v          # safetensors refuses tensors sharing storage
+            seen.add(ptr)
         meta = {"kvtool.format_version": self.format_version, "kvtool.model": json.dumps(self.model),
                 "kvtool.calibration": json.dumps(self.calibration), "kvtool.policy": json.dumps(self.policy)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

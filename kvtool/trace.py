@@ -272,7 +272,7 @@ class Tracer:
         acc["key_post_moments"].add(layer, k)
         acc["value"].add(layer, v)
         acc["value_moments"].add(layer, v)
-        rows = _RowMaker(query[0].float(), key[0].float(), attention_mask, scaling, softcap, self.dims.group)
+        rows = RowMaker(query[0].float(), key[0].float(), attention_mask, scaling, softcap, self.dims.group)
         ctx = self.ctx
         for part in ctx.sampled.split(self.config.chunk):
             self._masses(layer, rows(part), part, rows.offset)
@@ -322,7 +322,7 @@ def _check_finite(layer: int, name: str, t: torch.Tensor) -> None:
                           "check the model weights and dtype (try --dtype float32)")
 
 
-class _RowMaker:
+class RowMaker:
     """Exact attention probabilities for chosen query rows: rows(pos) -> [H_q, n, S], never all T rows at once."""
 
     def __init__(self, q, k, mask, scaling, softcap, group):
@@ -361,7 +361,7 @@ class _RowMaker:
 
 
 # -- registration with transformers -----------------------------------------------------------------------------
-_ACTIVE: list[Tracer] = []
+_ACTIVE: list = []   # observers with observe_attention(module, query, key, value, mask, scaling, softcap)
 
 
 def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -377,23 +377,29 @@ AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def _tracing(tracer: Tracer):
-    """Switch the model to the trace attention, hook pre-RoPE keys; restore everything afterwards."""
-    model = tracer.model
+def observing(model, observer, pre_rope_key=None):
+    """Run `model` with the trace attention feeding `observer`; optionally hook pre-RoPE keys into
+    `pre_rope_key(module, output)`. Restores the model's attention implementation and removes hooks afterwards."""
+    modules = _attention_modules(model)
     previous = model.config._attn_implementation
     handles = []
-    for mod in tracer.modules:
-        src = getattr(mod, "k_norm", None) or mod.k_proj
-        handles.append(src.register_forward_hook(lambda m, i, o, mod=mod: tracer.observe_pre_rope_key(mod, o)))
+    if pre_rope_key is not None:
+        for mod in modules:
+            src = getattr(mod, "k_norm", None) or mod.k_proj
+            handles.append(src.register_forward_hook(lambda m, i, o, mod=mod: pre_rope_key(mod, o)))
     model.set_attn_implementation(TRACE_ATTENTION)
-    _ACTIVE.append(tracer)
+    _ACTIVE.append(observer)
     try:
         yield
     finally:
-        _ACTIVE.remove(tracer)
+        _ACTIVE.remove(observer)
         model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
+
+
+def _tracing(tracer: Tracer):
+    return observing(tracer.model, tracer, tracer.observe_pre_rope_key)
 
 
 def config_dict(config: TraceConfig) -> dict:

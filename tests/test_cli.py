@@ -141,3 +141,29 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("Error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_commands(capsys, tiny_dir, tmp_path):
+    prof = tmp_path / "p.kv.st"
+    assert run(capsys, "profile", tiny_dir, *FAST, "-o", prof)[0] == 0
+    code, out, err = run(capsys, "calibrate", "--method", "razor", tiny_dir, "--profile", prof, "--probe-len", "16",
+                         "--retrieval-fraction", "0.25", "--json")
+    assert code == 0, err
+    assert json.loads(out)["retrieval_heads"] == 1 and json.loads(out)["output"] == str(prof)   # refined in place
+    code, out, _ = run(capsys, "inspect", prof, "--json")
+    assert json.loads(out)["methods"]["razor"]["retrieval_heads"] == 1
+    # a random model recalls no passkey: no copy score can exist, and it says so
+    code, _, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--samples", "2", "--seq-len", "256",
+                       "-o", tmp_path / "r.kv.st")
+    assert_one_line_error(code, err, "recalled none of the passkeys")
+    assert not (tmp_path / "r.kv.st").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "duo"], "unknown calibration method 'duo'"),
+    (["--method", "razor", "--retrieval-fraction", "1.5"], "must lie in [0, 1]"),
+])
+def test_calibrate_bad_input(capsys, tmp_path, args, needle):
+    code, _, err = run(capsys, "calibrate", *args, "-o", tmp_path / "x.kv.st")
+    assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []

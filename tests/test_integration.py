@@ -42,3 +42,20 @@ def test_profile_embedded_finds_copy_heads(embedded, tmp_path):
     score = loaded["heads.retrieval_score"]
     assert score.max() > 0.3 and (score > 0.1).sum() >= 2
     assert 0 < loaded["heads.streaming_mass"].mean() < 1
+
+
+def test_razor_and_copy_score_agree_on_the_embedded_model(embedded):
+    """Two independent signals: the razor probe (random tokens) protects the top copy-score heads (passkeys)."""
+    model, tok = embedded
+    samples = passkey_samples(tok, 2, 384, n_needles=2, words_per_needle=6, seed=1)
+    prof = kvtool.profile_model(model, samples, config=TraceConfig(sink=16, recent=64, query_samples=32),
+                                data={"kind": "passkey"})
+    from kvtool.api import calibrate
+
+    prof = calibrate(model, tok, "retrieval", profile=prof)
+    prof = calibrate(model, tok, "razor", profile=prof, options={"probe_len": 256})
+    assert prof.calibration["methods"]["retrieval"]["source"] == "profile"
+    razor = prof["heads.razor.mask"].flatten()
+    top_copy = prof["heads.retrieval.score"].flatten().topk(2).indices
+    assert razor[top_copy].all()
+    assert razor.sum() == 1 + 13                                               # ceil(1% of 90) + ceil(14% of 90)

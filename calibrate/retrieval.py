@@ -1,0 +1,55 @@
+"""Retrieval heads by copy score (Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality",
+arXiv 2404.15574).
+
+On needle samples, while the model (teacher-forced) produces each answer token, a query head scores a hit when its
+top-attended token is a needle token equal to the token being produced; the score is hits / answer tokens, over the
+samples whose answers the model recalls (> 50% of answer tokens predicted). Heads above `threshold` (0.1 in the
+paper) are retrieval heads. The score comes from kvtool's trace (`heads.retrieval_score`, already the max over each
+KV group); an existing profile traced on passkey data is reused instead of tracing again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calibrate import register
+from calibrate.heads import HeadsResult, top_fraction
+from kvtool.errors import KvtoolError
+
+
+@register("retrieval")
+@dataclass
+class Retrieval:
+    threshold: float = 0.1
+    samples: int = 8
+    seq_len: int = 1024
+    needles: int = 3
+    seed: int = 42
+
+    def run(self, model, tokenizer, profile=None, fraction: float | None = None, on_progress=None) -> HeadsResult:
+        score, source = self._scores(model, tokenizer, profile, on_progress)
+        mask = (score > self.threshold).to(torch.uint8) if fraction is None else top_fraction(score, fraction)
+        params = {"threshold": self.threshold, "source": source, "fraction": fraction}
+        if source == "trace":
+            params.update(samples=self.samples, seq_len=self.seq_len, needles=self.needles, seed=self.seed)
+        return HeadsResult("retrieval", {"score": score, "mask": mask}, params)
+
+    def _scores(self, model, tokenizer, profile, on_progress):
+        if profile is not None and "heads.retrieval_score" in profile \
+                and profile.calibration.get("data", {}).get("kind") == "passkey":
+            return profile["heads.retrieval_score"].float(), "profile"
+        from kvtool.api import check_lengths
+        from kvtool.data import passkey_samples
+        from kvtool.trace import TraceConfig, Tracer
+
+        cfg = TraceConfig(sink=min(64, self.seq_len // 8), recent=min(256, self.seq_len // 4))
+        check_lengths(model, self.seq_len, cfg)
+        samples = passkey_samples(tokenizer, self.samples, self.seq_len, n_needles=self.needles, seed=self.seed)
+        stats = Tracer(model, cfg).run(samples, on_sample=on_progress)
+        recall = stats.acc["recall"]
+        if recall.count[0] > 0 and stats.acc["copy"].count.max() == 0:
+            raise KvtoolError("the model recalled none of the passkeys, so no copy score exists; "
+                              "try shorter --seq-len or fewer needles")
+        return stats.derive()["heads.retrieval_score"], "trace"
