@@ -2,7 +2,7 @@
 
 A method reads traced statistics (or runs its own optimisation) and writes one section of a profile. Methods
 register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. Head methods return
-a `calibrate.heads.HeadsResult`. Implemented: `retrieval`, `razor`; the other reference methods (duo, kvquant, pca,
+a `calibrate.heads.HeadsResult`. Implemented: `retrieval`, `razor`, `duo`; the other reference methods (kvquant, pca,
 pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
 """
 
@@ -13,7 +13,7 @@ from typing import Callable
 from kvtool.errors import KvtoolError
 
 _REGISTRY: dict[str, Callable] = {}
-_MODULES = ("retrieval", "razor")   # imported on first lookup; each registers itself
+_MODULES = ("retrieval", "razor", "duo")   # imported on first lookup; each registers itself
 
 
 def _load() -> None:

@@ -18,7 +18,7 @@ import torch
 from calibrate import register
 from calibrate.heads import HeadsResult, top_count, top_fraction
 from kvtool.errors import KvtoolError
-from kvtool.trace import Dims, RowMaker, observing
+from kvtool.trace import Dims, RowMaker, attention_modules, observing
 
 
 @register("razor")
@@ -53,6 +53,7 @@ class Razor:
         return ids.long(), offset, n
 
     def run(self, model, tokenizer=None, profile=None, fraction: float | None = None, on_progress=None) -> HeadsResult:
+        attention_modules(model)
         ids, offset, n = self.probe(model, tokenizer)
         observer = _EchoInduction(Dims.of(model), ids, offset, n, self.query_samples, self.chunk)
         with observing(model, observer), torch.inference_mode():

@@ -106,8 +106,11 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
         check_fraction(fraction)
     if profile is not None:
         profile.check_model(model)
+    options = dict(options or {})
+    preset = options.pop("preset", None)
     try:
-        runner = runner_cls(**(options or {}))
+        runner = runner_cls.from_preset(preset, **options) if hasattr(runner_cls, "from_preset") \
+            else runner_cls(**options)
     except TypeError as exc:
         raise KvtoolError(f"bad option for --method {method}: {exc}") from None
     start = time.perf_counter()

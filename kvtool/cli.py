@@ -200,6 +200,11 @@ def calibrate(
     samples: int = typer.Option(8, "--samples", "-n", help="retrieval: passkey samples."),
     seq_len: int = typer.Option(1024, "--seq-len", "-L", help="retrieval: tokens per sample."),
     probe_len: int = typer.Option(2500, "--probe-len", help="razor: random tokens per copy (scaled down to the context)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="duo: 'cpu' (~16 min on 2 cores for the default model; the default without a GPU) or 'paper'."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="duo: optimisation steps (overrides the preset)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="duo: checkpoint file, written every --checkpoint-every steps."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="duo: steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="duo: continue from --checkpoint exactly where it stopped."),
     dtype: str = typer.Option("float32", "--dtype"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -214,15 +219,25 @@ def calibrate(
     if fraction is not None:
         check_fraction(fraction)
     path = _writable_target(output or profile_in or _default_output(model))
-    options = {"retrieval": {"samples": samples, "seq_len": seq_len}, "razor": {"probe_len": probe_len}}.get(method, {})
+    if method == "duo" and preset is None:
+        import torch
+
+        preset = "paper" if torch.cuda.is_available() else "cpu"
+        err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
+    duo = {k: v for k, v in {"steps": steps, "checkpoint": str(checkpoint) if checkpoint else None,
+                             "checkpoint_every": checkpoint_every, "resume": resume}.items() if v not in (None, False)}
+    options = {"retrieval": {"samples": samples, "seq_len": seq_len}, "razor": {"probe_len": probe_len},
+               "duo": {"preset": preset, **duo}}.get(method, {})
     _quiet_libraries()
     with err.status("Loading model"):
         mdl, tok = load_model(model, dtype=dtype)
         base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
     with _progress() as bar:
-        task = bar.add_task(f"calibrate {method}", total=samples if method == "retrieval" else 1, info="")
+        total = samples if method == "retrieval" else \
+            (steps or registry.get("duo").from_preset(preset).steps) if method == "duo" else 1
+        task = bar.add_task(f"calibrate {method}", total=total, info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
-                               on_progress=lambda i: bar.update(task, completed=i))
+                               on_progress=lambda i, info="": bar.update(task, completed=i, info=info))
     prof.save(path)
     mask = prof[f"heads.{method}.mask"]
     summary = {"output": str(path), "method": method, "retrieval_heads": int(mask.sum()), "kv_heads": mask.numel(),

@@ -152,6 +152,7 @@ def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -
         ids += key + post
         prev = cut
     ids += window[prev:]
+    qa_start = len(ids)
     for (q, end), (_, key, _) in zip(plan.answers, plan.pieces):
         ids += q
         answer_spans.append((len(ids), len(ids) + len(key)))
@@ -159,7 +160,8 @@ def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -
     assert len(ids) == plan.seq_len
     pairs = [(a + t, n + t) for (a, _), (n, m) in zip(answer_spans, needle_spans) for t in range(m - n)]
     meta = {"kind": "passkey", "source": _HAYSTACK_SOURCE, "sample": i, "seed": seed, "seq_len": plan.seq_len,
-            "depths": plan.depths, "passkeys": [" ".join(w) for w in plan.words], "haystack_offset": offset}
+            "depths": plan.depths, "passkeys": [" ".join(w) for w in plan.words], "haystack_offset": offset,
+            "qa_start": qa_start}
     return Sample(torch.tensor(ids, dtype=torch.int64),  # input_ids: [T]
                   torch.tensor(pairs, dtype=torch.int64).view(-1, 2),  # copy_pairs: [N, 2]
                   needle_spans, answer_spans, meta)

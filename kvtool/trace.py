@@ -172,7 +172,7 @@ class TraceStats:
         return out
 
 
-def _attention_modules(model) -> list:
+def attention_modules(model) -> list:
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
     if not mods:
         raise KvtoolError(
@@ -206,7 +206,7 @@ class Tracer:
     def __init__(self, model, config: TraceConfig | None = None):
         self.model = model
         self.config = config or TraceConfig()
-        self.modules = _attention_modules(model)
+        self.modules = attention_modules(model)
         self.dims = Dims.of(model)
         self.stats = TraceStats.empty(self.config, self.dims)
         self.ctx: _SampleContext | None = None
@@ -380,7 +380,7 @@ AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
 def observing(model, observer, pre_rope_key=None):
     """Run `model` with the trace attention feeding `observer`; optionally hook pre-RoPE keys into
     `pre_rope_key(module, output)`. Restores the model's attention implementation and removes hooks afterwards."""
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     previous = model.config._attn_implementation
     handles = []
     if pre_rope_key is not None:

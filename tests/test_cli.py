@@ -160,7 +160,7 @@ def test_calibrate_commands(capsys, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "duo"], "unknown calibration method 'duo'"),
+    (["--method", "nope"], "unknown calibration method 'nope'"),
     (["--method", "razor", "--retrieval-fraction", "1.5"], "must lie in [0, 1]"),
 ])
 def test_calibrate_bad_input(capsys, tmp_path, args, needle):
