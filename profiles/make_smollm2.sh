@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Remake profiles/smollm2-135m-instruct.kv.st exactly as shipped (CPU, ~20 minutes, most of it duo).
+set -euo pipefail
+out="$(dirname "$0")/smollm2-135m-instruct.kv.st"
+kvtool profile --no-stats -o "$out"                         # trace: 8 passkey samples x 1024 tokens
+kvtool calibrate --method razor --profile "$out"            # echo/induction probe, 2047 tokens x 4
+kvtool calibrate --method retrieval --profile "$out"        # copy score from the trace above
+kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "${TMPDIR:-/tmp}/smollm2-duo.ckpt"
