@@ -59,3 +59,17 @@ def test_razor_and_copy_score_agree_on_the_embedded_model(embedded):
     top_copy = prof["heads.retrieval.score"].flatten().topk(2).indices
     assert razor[top_copy].all()
     assert razor.sum() == 1 + 13                                               # ceil(1% of 90) + ceil(14% of 90)
+
+
+def test_shipped_profile_matches_the_embedded_model(embedded):
+    from pathlib import Path
+
+    model, _ = embedded
+    path = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.kv.st"
+    prof = Profile.load(path, model=model)                                    # refuses it if the fingerprint differs
+    for method in ("duo", "razor", "retrieval"):
+        assert prof[f"heads.{method}.mask"].shape == (30, 3)
+    assert prof["heads.duo.mask"].sum() == 45 and prof.policy["heads"] == "duo:0.5"
+    gate = prof["heads.duo.gate"]
+    assert gate.min() >= 0 and gate.max() <= 1
+    assert not any(k.startswith("stats.") for k in prof.tensors)              # shipped slim
