@@ -1,0 +1,109 @@
+"""CompressedCache: lossless equals DynamicCache; head-split equals a full-sequence masked oracle through chunked
+prefill and decoding; memory really dropped and counted exactly; bad policies and foreign profiles refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from calibrate.duo import _duo_attention, _DuoState
+from conftest import needle_sample, tiny_model
+from kvtool.api import profile_model
+from kvtool.cache import CompressedCache, prefill, use_kvtool_attention
+from kvtool.errors import KvtoolError
+from kvtool.policy import Policy
+from kvtool.trace import Dims, TraceConfig
+
+
+def oracle_logits(model, ids, retrieval: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Full-sequence logits where streaming heads see only sink + recent keys (duo student with 0/1 gates)."""
+    state = _DuoState(retrieval.float(), Dims.of(model), sink, recent, "student")
+    state.mode = "student"
+    with _duo_attention(model, state), torch.no_grad():
+        return model(ids, use_cache=False).logits[0]                          # [T, V]
+
+
+def cached_logits(model, ids, policy: str, prompt: int, chunk: int):
+    """Prefill ids[:prompt] in chunks, then decode the rest one token at a time (teacher-forced); logits [T', V]."""
+    use_kvtool_attention(model)
+    cache = CompressedCache(model, None, policy)
+    rows = []
+    with torch.no_grad():
+        for start in range(0, prompt, chunk):
+            out = model(ids[:, start:min(start + chunk, prompt)], past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0])
+        for t in range(prompt, ids.shape[1]):
+            rows.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0])
+    model.set_attn_implementation("sdpa")
+    return torch.cat(rows), cache
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha", "mqa"])
+def test_lossless_policy_equals_dynamic_cache(kind):
+    model = tiny_model(kind)
+    ids = needle_sample(T=90).input_ids.view(1, -1)
+    with torch.no_grad():
+        ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+        ref_gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False)
+    got, cache = cached_logits(model, ids, "heads=all", prompt=60, chunk=16)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    use_kvtool_attention(model)
+    gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False,
+                         past_key_values=CompressedCache(model, None, "heads=all"))
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(gen, ref_gen)
+    assert cache.get_seq_length() == 90 and cache.nbytes() == cache.full_nbytes(torch.float32)
+
+
+@pytest.mark.parametrize("policy", ["heads=random:0.5:1,sink=4,recent=16", "heads=none,sink=3,recent=9",
+                                    "heads=random:0.25:2,sink=0,recent=5"])
+def test_head_split_equals_masked_oracle(policy):
+    model = tiny_model("gqa")
+    ids = needle_sample(T=80).input_ids.view(1, -1)
+    got, cache = cached_logits(model, ids, policy, prompt=50, chunk=7)      # chunks cross the sink boundary
+    ref = oracle_logits(model, ids, cache.retrieval, cache.policy.sink, cache.policy.recent)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_streaming_tokens_are_really_dropped_and_counted():
+    model = tiny_model("gqa")                                                 # 3 layers, 2 KV heads, D = 16, fp32
+    ids = needle_sample(T=100).input_ids.view(1, -1)
+    use_kvtool_attention(model)
+    cache = CompressedCache(model, None, "heads=random:0.5:0,sink=4,recent=16")
+    prefill(model, ids, cache, chunk=32)
+    model.set_attn_implementation("sdpa")
+    R = int(cache.retrieval.sum())
+    S = cache.retrieval.numel() - R
+    expected = 2 * 16 * 4 * (R * 100 + S * (4 + 16))
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors())
+    assert cache.nbytes() == held == expected
+    for layer in cache.layers:
+        assert layer.recent_k.shape[2] == 16 and layer.sink_k.shape[2] == 4 and layer.full_k.shape[2] == 100
+    assert cache.full_nbytes(torch.float32) == 2 * 3 * 2 * 100 * 16 * 4
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("heads=duo:1.5", "outside [0, 1]"), ("heads=random", "needs a fraction"), ("sink=-1", "'sink' must be at least 0"),
+    ("recent=abc", "'recent': 'abc' is not a whole number"), ("bogus=1", "unknown policy field 'bogus'"),
+    ("heads", "is not key=value"), ("k=4bit", "not available"), ("sink=4,sink=5", "given twice"),
+])
+def test_malformed_policy_names_the_field(text, needle):
+    with pytest.raises(KvtoolError, match=needle.replace("[", "\\[").replace("]", "\\]")):
+        Policy.parse(text)
+
+
+def test_policy_from_profile_and_foreign_profile_refused():
+    model = tiny_model("gqa")
+    prof = profile_model(model, [needle_sample(T=64)], config=TraceConfig(sink=4, recent=16, query_samples=8))
+    with pytest.raises(KvtoolError, match="has no heads.duo.mask"):
+        CompressedCache(model, prof, "heads=duo")
+    prof.tensors["heads.duo.mask"] = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.uint8)
+    prof.tensors["heads.duo.score"] = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]])
+    assert CompressedCache(model, prof, "heads=duo").retrieval.sum() == 4
+    assert CompressedCache(model, prof, "heads=duo:0.5").retrieval.tolist() == [[True, False], [False, True],
+                                                                                 [True, False]]
+    with pytest.raises(KvtoolError, match="different model"):
+        CompressedCache(tiny_model("gqa", seed=5), prof, "heads=duo")
+    with pytest.raises(KvtoolError, match="sliding-window"):
+        CompressedCache(tiny_model("sliding"), None, "heads=all")
