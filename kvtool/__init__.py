@@ -23,6 +23,9 @@ def __getattr__(name):
         "merge_profiles": ("kvtool.api", "merge_profiles"),
         "TraceConfig": ("kvtool.trace", "TraceConfig"),
         "summarize": ("kvtool.inspect", "summarize"),
+        "CompressedCache": ("kvtool.cache", "CompressedCache"),
+        "use_kvtool_attention": ("kvtool.cache", "use_kvtool_attention"),
+        "calibrate": ("kvtool.api", "calibrate"),
     }
     if name in lazy:
         import importlib
@@ -33,4 +36,5 @@ def __getattr__(name):
 
 
 __all__ = ["KvtoolError", "load_model", "Profile", "load_samples", "passkey_samples", "profile_model",
-           "merge_profiles", "TraceConfig", "summarize", "__version__"]
+           "merge_profiles", "TraceConfig", "summarize", "CompressedCache", "use_kvtool_attention", "calibrate",
+           "__version__"]

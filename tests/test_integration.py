@@ -73,3 +73,16 @@ def test_shipped_profile_matches_the_embedded_model(embedded):
     gate = prof["heads.duo.gate"]
     assert gate.min() >= 0 and gate.max() <= 1
     assert not any(k.startswith("stats.") for k in prof.tensors)              # shipped slim
+
+
+def test_passkey_eval_with_a_really_split_cache(embedded):
+    """Short passkey the model answers: the full policy gets it; an 8-token streaming window holds far fewer bytes."""
+    from kvtool.evaluate import passkey_accuracy, passkey_grid
+
+    model, tok = embedded
+    samples = passkey_grid(tok, [300], [0.5])
+    full = passkey_accuracy(model, samples, "heads=all", chunk=128)
+    assert (full.correct, full.total) == (1, 1) and full.kv_bytes == full.full_bytes
+    tiny = passkey_accuracy(model, samples, "heads=none,sink=4,recent=8", chunk=128)
+    assert tiny.kv_bytes * 20 < tiny.full_bytes
+    assert model.config._attn_implementation == "sdpa"
