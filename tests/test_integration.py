@@ -80,9 +80,23 @@ def test_passkey_eval_with_a_really_split_cache(embedded):
     from kvtool.evaluate import passkey_accuracy, passkey_grid
 
     model, tok = embedded
-    samples = passkey_grid(tok, [300], [0.5])
-    full = passkey_accuracy(model, samples, "heads=all", chunk=128)
+    samples = passkey_grid(tok, [300], [0.5], fmt="nato")
+    full = passkey_accuracy(model, tok, samples, "heads=all", chunk=128)
     assert (full.correct, full.total) == (1, 1) and full.kv_bytes == full.full_bytes
-    tiny = passkey_accuracy(model, samples, "heads=none,sink=4,recent=8", chunk=128)
+    tiny = passkey_accuracy(model, tok, samples, "heads=none,sink=4,recent=8", chunk=128)
     assert tiny.kv_bytes * 20 < tiny.full_bytes
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_numeric_passkey_prompt(embedded):
+    from kvtool.evaluate import passkey_grid
+
+    _, tok = embedded
+    samples = passkey_grid(tok, [256, 400], [0.1, 0.9], seed=3)
+    assert [p.numel() for p, _ in samples] == [256, 256, 400, 400]
+    for prompt, key in samples:
+        text = tok.decode(prompt)
+        assert key.isdigit() and len(key) == 5 and text.count(key) == 2
+        assert text.endswith("What is the pass key? The pass key is")
+    first, last = (tok.decode(samples[i][0]).index(samples[i][1]) for i in (0, 1))
+    assert first < last                                                         # depth 0.1 before depth 0.9
