@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
+from kvtool.cache import window_allowed
 from kvtool.errors import KvtoolError
 from kvtool.trace import Dims, attention_modules
 
@@ -220,9 +221,8 @@ class _DuoState:
         """Λ mask [1, 1, T, S] (True = attend): causal, and key in the first `sink` or the last `recent` tokens."""
         key = (t, s, str(device))
         if key not in self._masks:
-            q = torch.arange(s - t, s, device=device).view(-1, 1)
-            k = torch.arange(s, device=device).view(1, -1)
-            self._masks[key] = ((k <= q) & ((k < self.sink) | (q - k < self.recent))).view(1, 1, t, s)
+            qpos, kpos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
+            self._masks[key] = window_allowed(qpos, kpos, self.sink, self.recent).view(1, 1, t, s)
         return self._masks[key]
 
 

@@ -20,6 +20,13 @@ from kvtool.trace import Dims
 KVTOOL_ATTENTION = "kvtool"
 
 
+def window_allowed(qpos: torch.Tensor, kpos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """The streaming pattern, bool [n_q, n_k]: a query sees a key at or before it that is one of the first `sink`
+    tokens or one of its last `recent` tokens. Shared by the cache and DuoAttention's training mask."""
+    q, k = qpos.view(-1, 1), kpos.view(1, -1)
+    return (k <= q) & ((k < sink) | (q - k < recent))
+
+
 def retrieval_heads(policy: Policy, profile, dims: Dims) -> torch.Tensor:
     """bool [L, H_kv]: True = the head keeps every token."""
     from calibrate.heads import top_fraction
@@ -143,25 +150,20 @@ def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     out = query.new_empty(b, t, hq, d)
     pos = torch.arange(layer.seen - t, layer.seen, device=query.device)     # absolute positions of the queries
     if len(layer.ret):
-        q = _heads_of(query, layer.ret, group)                                # [B, |R|·G, t, D]
+        idx = _q_index(layer.ret, group)                                        # [|R|·G] query heads
         keys = torch.arange(layer.full_k.shape[2], device=query.device)
-        o = _sdpa(q, layer.full_k, layer.full_v, keys.view(1, -1) <= pos.view(-1, 1), scaling, group)
-        out[:, :, _q_index(layer.ret, group)] = o
+        causal = keys.view(1, -1) <= pos.view(-1, 1)
+        out[:, :, idx] = _sdpa(query[:, idx], layer.full_k, layer.full_v, causal, scaling, group)
     if len(layer.stream):
-        q = _heads_of(query, layer.stream, group)
+        idx = _q_index(layer.stream, group)
         ks = torch.cat([layer.sink_k, layer.recent_k], 2)                     # [B, |S|, n_sink + n_recent', D]
         vs = torch.cat([layer.sink_v, layer.recent_v], 2)
         n_sink, n_rec = layer.sink_k.shape[2], layer.recent_k.shape[2]
         kpos = torch.cat([torch.arange(n_sink), torch.arange(layer.seen - n_rec, layer.seen)]).to(query.device)
-        allowed = (kpos.view(1, -1) <= pos.view(-1, 1)) & (
-            (kpos.view(1, -1) < layer.n_sink) | (pos.view(-1, 1) - kpos.view(1, -1) < layer.n_recent))
-        out[:, :, _q_index(layer.stream, group)] = _sdpa(q, ks, vs, allowed, scaling, group)
+        allowed = window_allowed(pos, kpos, layer.n_sink, layer.n_recent)
+        out[:, :, idx] = _sdpa(query[:, idx], ks, vs, allowed, scaling, group)
     layer.trim()
     return out, None
-
-
-def _heads_of(query: torch.Tensor, kv_heads: torch.Tensor, group: int) -> torch.Tensor:
-    return query[:, _q_index(kv_heads, group)]
 
 
 def _q_index(kv_heads: torch.Tensor, group: int) -> torch.Tensor:

@@ -186,6 +186,30 @@ def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, 
     return [_assemble(p, head, hay, i, seed) for i, p in enumerate(plans)]
 
 
+def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed: int = 0
+                            ) -> list[tuple[torch.Tensor, str]]:
+    """Classic pass-key prompts (Landmark Attention style): a 5-digit key stated twice inside the haystack, then
+    "What is the pass key? The pass key is". One (prompt ids [T], key) per (length, depth) in `specs`; the prompt has
+    exactly `length` tokens and ends where the answer starts. The haystack is tokenised once for all of them."""
+    intro = _encode(tokenizer, "There is an important pass key hidden inside a lot of irrelevant text. "
+                               "Find it and memorize it.\n\n")
+    question = _encode(tokenizer, "\n\nWhat is the pass key? The pass key is")
+    hay = _haystack_ids(tokenizer, max((int(n) for n, _ in specs), default=1))
+    out = []
+    for i, (length, depth) in enumerate(specs):
+        rng = np.random.default_rng(seed + i)
+        key = str(int(rng.integers(10000, 100000)))
+        needle = _encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. ")
+        n = int(length) - len(_bos(tokenizer)) - len(intro) - len(needle) - len(question)
+        if n < 1:
+            raise KvtoolError(f"pass-key prompt of {length} tokens is too short; give at least {int(length) - n + 1}")
+        start = int(rng.integers(0, len(hay) - n + 1))
+        window, cut = hay[start:start + n], int(float(depth) * n)
+        ids = _bos(tokenizer) + intro + window[:cut] + needle + window[cut:] + question
+        out.append((torch.tensor(ids, dtype=torch.int64), key))              # prompt: [T]
+    return out
+
+
 def _jsonl_text(raw: str, path: Path, sep: str) -> str:
     docs = []
     for n, line in enumerate(raw.splitlines(), 1):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kvtool.cache import CompressedCache, prefill, use_kvtool_attention
-from kvtool.data import haystack_text, passkey_samples
+from kvtool.data import numeric_passkey_prompts, passkey_samples
 from kvtool.errors import KvtoolError
 
 
@@ -30,51 +30,20 @@ class PasskeyResult:
 def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt: str = "numeric"):
     """One single-needle passkey sample per (length, depth) as (prompt ids [T], answer text).
 
-    fmt "numeric": the classic pass-key prompt (a 5-digit key stated twice in the haystack, "What is the pass key?");
-    fmt "nato": kvtool's calibration format (a key of `words` NATO words). The prompt ends where the answer starts.
+    fmt "numeric": the classic pass-key prompt (kvtool.data.numeric_passkey_prompts); "nato": kvtool's calibration
+    format with a key of `words` NATO words. The prompt ends where the answer starts.
     """
+    specs = [(int(n), float(d)) for n in lengths for d in depths]
+    if fmt == "numeric":
+        return numeric_passkey_prompts(tokenizer, specs, seed=seed)
+    if fmt != "nato":
+        raise KvtoolError(f"unknown passkey format {fmt!r} (numeric or nato)")
     out = []
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            s_seed = seed + 1000 * i + j
-            if fmt == "nato":
-                s = passkey_samples(tokenizer, 1, int(length), n_needles=1, words_per_needle=words,
-                                    depths=[float(depth)], seed=s_seed)[0]
-                (a, b), = s.answer_spans
-                out.append((s.input_ids[:a], tokenizer.decode(s.input_ids[a:b]).strip()))
-            elif fmt == "numeric":
-                out.append(_numeric(tokenizer, int(length), float(depth), s_seed))
-            else:
-                raise KvtoolError(f"unknown passkey format {fmt!r} (numeric or nato)")
+    for i, (length, depth) in enumerate(specs):
+        s = passkey_samples(tokenizer, 1, length, n_needles=1, words_per_needle=words, depths=[depth], seed=seed + i)[0]
+        (a, b), = s.answer_spans
+        out.append((s.input_ids[:a], tokenizer.decode(s.input_ids[a:b]).strip()))
     return out
-
-
-def _numeric(tokenizer, length: int, depth: float, seed: int):
-    rng = np.random.default_rng(seed)
-    key = str(int(rng.integers(10000, 100000)))
-    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]   # noqa: E731
-    intro = enc("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n")
-    needle = enc(f" The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = enc("\n\nWhat is the pass key? The pass key is")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    n = length - len(bos) - len(intro) - len(needle) - len(question)
-    if n < 1:
-        raise KvtoolError(f"passkey length {length} is too short for the prompt")
-    hay = _haystack_ids(tokenizer)
-    start = int(rng.integers(0, len(hay) - n))
-    h, cut = hay[start:start + n], int(depth * n)
-    ids = bos + intro + h[:cut] + needle + h[cut:] + question
-    return torch.tensor(ids, dtype=torch.long), key
-
-
-_HAY: dict = {}
-
-
-def _haystack_ids(tokenizer) -> list[int]:
-    key = id(tokenizer)
-    if key not in _HAY:
-        _HAY[key] = tokenizer(haystack_text()[:600_000], add_special_tokens=False)["input_ids"]
-    return _HAY[key]
 
 
 @torch.inference_mode()
@@ -85,9 +54,10 @@ def passkey_accuracy(model, tokenizer, samples, policy: str, profile=None, chunk
     use_kvtool_attention(model)
     correct = kv = full = 0
     start = time.perf_counter()
+    cache = CompressedCache(model, profile, policy)          # checks the profile against the model once
     try:
         for prompt, answer in samples:
-            cache = CompressedCache(model, profile, policy)
+            cache.reset()
             logits = prefill(model, prompt.view(1, -1), cache, chunk=chunk)
             got = []
             for _ in range(len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4):

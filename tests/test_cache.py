@@ -107,3 +107,15 @@ def test_policy_from_profile_and_foreign_profile_refused():
         CompressedCache(tiny_model("gqa", seed=5), prof, "heads=duo")
     with pytest.raises(KvtoolError, match="sliding-window"):
         CompressedCache(tiny_model("sliding"), None, "heads=all")
+
+
+def test_window_rule_by_hand():
+    from kvtool.cache import window_allowed
+
+    got = window_allowed(torch.arange(6), torch.arange(6), sink=1, recent=2).int().tolist()
+    assert got == [[1, 0, 0, 0, 0, 0],
+                   [1, 1, 0, 0, 0, 0],
+                   [1, 1, 1, 0, 0, 0],
+                   [1, 0, 1, 1, 0, 0],
+                   [1, 0, 0, 1, 1, 0],
+                   [1, 0, 0, 0, 1, 1]]
