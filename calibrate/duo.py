@@ -45,6 +45,9 @@ PRESETS = {
 }
 
 
+_RUN_CONTROL = ("checkpoint", "resume", "stop_after")   # how a run is driven, not what it computes
+
+
 @register("duo")
 @dataclass
 class Duo:
@@ -157,7 +160,7 @@ class Duo:
         g = gates.detach().clamp(0, 1).float()
         if fraction is None:
             fraction = 0.5 if dims.kv_heads < dims.q_heads else 0.25
-        params = {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "resume", "stop_after")}
+        params = {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL}
         params.update(fraction=fraction, steps_done=len(history), finished=finished,
                       final_loss=history[-1][0] if history else None)
         windows = {"train": {"sink": self.train_sink, "recent": self.train_recent},
@@ -180,8 +183,8 @@ class Duo:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "resume", "stop_after",
-                                                                   "checkpoint_every")}
+        """The settings a checkpoint must share with the run that resumes it."""
+        return {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL + ("checkpoint_every",)}
 
     def _save(self, gates, opt, step: int, history: list) -> None:
         from kvtool.fileio import atomic_write

@@ -71,25 +71,24 @@ def stats_of(profile: Profile) -> TraceStats:
 def merge_profiles(*profiles: Profile) -> Profile:
     """Merge profiles traced on disjoint shards of data (same model, same settings) into one.
 
-    The result equals the profile of all the data traced at once (see TraceStats for the float tolerance).
+    The result equals the profile of all the data traced at once (see TraceStats for the float tolerance). Only
+    the trace is merged: calibration sections (`heads.<method>.*`) are not carried over; calibrate the merged profile.
     """
     if len(profiles) < 2:
         raise KvtoolError("give at least two profiles to merge")
     first = profiles[0]
     stats = stats_of(first)
-    lengths, datas, seconds = list(first.calibration.get("lengths", [])), [first.calibration.get("data")], 0.0
     for p in profiles[1:]:
         if p.model.get("fingerprint") != first.model.get("fingerprint"):
             raise KvtoolError("cannot merge profiles of different models (fingerprints differ)")
         stats.merge(stats_of(p))
-        lengths += p.calibration.get("lengths", [])
-        datas.append(p.calibration.get("data"))
-    for p in profiles:
-        seconds += p.calibration.get("trace_seconds", 0.0)
+    datas = [p.calibration.get("data") for p in profiles]
     calibration = dict(first.calibration)
-    calibration.update(samples=stats.samples, lengths=lengths, trace_seconds=round(seconds, 2),
+    calibration.update(samples=stats.samples, merged_from=len(profiles),
+                       lengths=[n for p in profiles for n in p.calibration.get("lengths", [])],
+                       trace_seconds=round(sum(p.calibration.get("trace_seconds", 0.0) for p in profiles), 2),
                        data=datas[0] if all(d == datas[0] for d in datas) else {"kind": "merged", "parts": datas},
-                       merged_from=len(profiles))
+                       methods={"trace": first.calibration["methods"]["trace"]})
     return build_profile(stats, dict(first.model), calibration)
 
 

@@ -60,8 +60,7 @@ def model_meta(model, name: str | None = None) -> dict:
     if rope is None and getattr(cfg, "rope_theta", None) is not None:
         rope = {"rope_theta": cfg.rope_theta}
     return {
-        "architecture": (model.config.architectures or [type(model).__name__])[0]
-        if getattr(model.config, "architectures", None) else type(model).__name__,
+        "architecture": (getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(cfg, "model_type", None),
         "num_layers": cfg.num_hidden_layers,
         "num_attention_heads": heads,
