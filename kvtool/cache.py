@@ -2,9 +2,11 @@
 sink + recent tokens for streaming KV heads (DuoAttention arXiv 2410.10819, StreamingLLM arXiv 2309.17453).
 
 The two kinds of head live in separate tensors, and a streaming store is trimmed to sink + recent right after each
-attention call, so dropped tokens are freed, not masked; `nbytes()` sums the tensors actually held. The registered
-`"kvtool"` attention function reads the store through the key tensor that `update()` returns (it carries its layer).
-Batch size 1 (or an unpadded batch); no sliding-window layers yet; keys and values stay in the model's dtype.
+attention call, so dropped tokens are freed, not masked. Retrieval heads keep every token in `TokenStore`s
+(kvtool.kvstore): 16-bit sink, a body quantized as the policy says (KVQuant-style per-channel keys with calibrated
+ranges, KIVI-style per-token values, packed codes), and a 16-bit recent buffer. `nbytes()` sums the tensors actually
+held. The registered `"kvtool"` attention function reads the stores through the key tensor that `update()` returns
+(it carries its layer). Batch size 1 or an unpadded batch (a padded one is refused); no sliding-window layers yet.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtool.errors import KvtoolError
+from kvtool.kvstore import KeyFormat, TokenStore, ValueFormat
 from kvtool.policy import Policy
+from kvtool.quant_setup import quant_formats
 from kvtool.trace import Dims
 
 KVTOOL_ATTENTION = "kvtool"
@@ -50,26 +54,37 @@ def retrieval_heads(policy: Policy, profile, dims: Dims) -> torch.Tensor:
 
 
 class HeadSplitLayer(CacheLayerMixin):
-    """One layer: `full` store [B, |R|, T, D] for retrieval heads, `sink`/`recent` stores for streaming heads."""
+    """One layer. Retrieval heads: a key and a value `TokenStore` (16-bit sink | quantized body | 16-bit buffer).
+    Streaming heads: `sink`/`recent` stores [B, |S|, ·, D], trimmed to sink + recent after each attention call.
+
+    `update()` also keeps the new tokens' exact states until the attention call that reads them, so a token's own
+    chunk sees it unquantized (later steps see what is stored)."""
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, retrieval: torch.Tensor, sink: int, recent: int):
+    def __init__(self, retrieval: torch.Tensor, policy: Policy, keys: KeyFormat | None = None,
+                 values: ValueFormat | None = None):
         super().__init__()
         self.ret = retrieval.nonzero().view(-1)                                # retrieval KV head ids
         self.stream = (~retrieval).nonzero().view(-1)                          # streaming KV head ids
-        self.n_sink, self.n_recent = sink, recent
+        self.policy, self.key_format, self.value_format = policy, keys, values
+        self.n_sink, self.n_recent = policy.sink, policy.recent
         self.seen = 0                                                          # tokens seen, not tokens held
-        self.full_k = self.full_v = self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
+        self.k_store = self.v_store = None
+        self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
+        self.new = None                                                        # (k, v) of the last update, exact
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, _, _, d = key_states.shape
-        empty = lambda n: key_states.new_zeros(b, n, 0, d)                     # noqa: E731
-        self.full_k, self.full_v = empty(len(self.ret)), empty(len(self.ret))
+        self.dtype, self.device = key_states.dtype, key_states.device
+        store = storage_dtype(self.policy.dtype, key_states.dtype)
+        p = self.policy
+        self.k_store = TokenStore(p.k, p.sink, p.buffer, store, key=self.key_format)
+        self.v_store = TokenStore(p.v, p.sink, p.buffer, store, value=self.value_format)
+        empty = lambda n: key_states.new_zeros(b, n, 0, d, dtype=store)        # noqa: E731
         self.sink_k, self.sink_v = empty(len(self.stream)), empty(len(self.stream))
         self.recent_k, self.recent_v = empty(len(self.stream)), empty(len(self.stream))
-        self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -77,27 +92,61 @@ class HeadSplitLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[2]
-        self.full_k = torch.cat([self.full_k, key_states[:, self.ret]], 2)
-        self.full_v = torch.cat([self.full_v, value_states[:, self.ret]], 2)
+        if len(self.ret):
+            self.k_store.append(key_states[:, self.ret])
+            self.v_store.append(value_states[:, self.ret])
+        store = self.sink_k.dtype                                               # (zero-size when no streaming heads)
         take = max(0, min(t, self.n_sink - self.seen))                          # tokens that are still sink tokens
         if take:
-            self.sink_k = torch.cat([self.sink_k, key_states[:, self.stream, :take]], 2)
-            self.sink_v = torch.cat([self.sink_v, value_states[:, self.stream, :take]], 2)
-        self.recent_k = torch.cat([self.recent_k, key_states[:, self.stream, take:]], 2)
-        self.recent_v = torch.cat([self.recent_v, value_states[:, self.stream, take:]], 2)
+            self.sink_k = torch.cat([self.sink_k, key_states[:, self.stream, :take].to(store)], 2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, self.stream, :take].to(store)], 2)
+        self.recent_k = torch.cat([self.recent_k, key_states[:, self.stream, take:].to(store)], 2)
+        self.recent_v = torch.cat([self.recent_v, value_states[:, self.stream, take:].to(store)], 2)
         self.seen += t
+        self.new = (key_states, value_states)
         key_states.kvtool_layer = self
         return key_states, value_states
 
     def trim(self) -> None:
-        """Free what streaming heads no longer need: keep only the last `recent` non-sink tokens."""
+        """Free what streaming heads no longer need (keep the last `recent` non-sink tokens); drop the exact copy of
+        the new tokens."""
+        self.new = None
         if self.recent_k is not None and self.recent_k.shape[2] > self.n_recent:
             self.recent_k = self.recent_k[:, :, -self.n_recent:].clone()
             self.recent_v = self.recent_v[:, :, -self.n_recent:].clone()
 
+    def retrieval_kv(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the retrieval heads for every token seen, [B, |R|, seen, D]; the newest tokens exact."""
+        k, v = self.k_store.read(dtype), self.v_store.read(dtype)
+        if self.new is not None:
+            t = self.new[0].shape[2]
+            k[:, :, -t:] = self.new[0][:, self.ret].to(dtype)
+            v[:, :, -t:] = self.new[1][:, self.ret].to(dtype)
+        return k, v
+
+    def streaming_kv(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values [B, |S|, n, D] the streaming heads hold and their positions [n]; the newest tokens exact."""
+        k = torch.cat([self.sink_k, self.recent_k], 2).to(dtype)
+        v = torch.cat([self.sink_v, self.recent_v], 2).to(dtype)
+        if self.new is not None:
+            t = self.new[0].shape[2]
+            k[:, :, -t:] = self.new[0][:, self.stream].to(dtype)
+            v[:, :, -t:] = self.new[1][:, self.stream].to(dtype)
+        n_sink, n_rec = self.sink_k.shape[2], self.recent_k.shape[2]
+        pos = torch.cat([torch.arange(n_sink), torch.arange(self.seen - n_rec, self.seen)]).to(k.device)
+        return k, v, pos
+
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.full_k, self.full_v, self.sink_k, self.sink_v, self.recent_k, self.recent_v)
-                if t is not None]
+        """Every tensor this layer holds for the tokens seen (not the exact copy of the newest chunk, which lives only
+        until its attention call)."""
+        held = [t for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v) if t is not None]
+        for store in (self.k_store, self.v_store):
+            if store is not None:
+                held += store.tensors()
+        return held
+
+    def constants_nbytes(self) -> int:
+        return sum(s.constants_nbytes() for s in (self.k_store, self.v_store) if s is not None and len(self.ret))
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -109,29 +158,54 @@ class HeadSplitLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.full_k = self.full_v = self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
+        self.k_store = self.v_store = self.new = None
+        self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
         self.seen, self.is_initialized = 0, False
 
 
-class CompressedCache(Cache):
-    """A transformers Cache holding what `policy` allows of a `profile` (see the module docstring)."""
+def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the unquantized parts for a policy `dtype` field."""
+    if name == "auto":
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    if name == "model":
+        return model_dtype
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
-    def __init__(self, model, profile=None, policy: str | Policy | None = None):
-        self.policy = policy if isinstance(policy, Policy) else Policy.parse(policy)
+
+class CompressedCache(Cache):
+    """A transformers Cache holding what `policy` allows of a `profile` (see the module docstring).
+
+    policy: a policy string (kvtool.policy) or Policy; None takes the profile's default policy (or the lossless one
+    without a profile). Building the cache switches `model` to the "kvtool" attention, which falls back to plain
+    sdpa for any other cache, so the model keeps working with ordinary caches too."""
+
+    def __init__(self, model, profile=None, policy: str | Policy | None = None, backend: str = "auto"):
+        default_method = _profile_method(profile)
+        if isinstance(policy, Policy):
+            self.policy = policy
+        elif policy is None and profile is not None:
+            self.policy = Policy.from_profile(profile.policy)
+        else:
+            self.policy = Policy.parse(policy, default_method)
         cfg = model.config.get_text_config()
         if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
             raise KvtoolError("models with sliding-window layers are not supported by CompressedCache yet")
         if profile is not None:
             profile.check_model(model)
         self.dims = Dims.of(model)
+        self.backend = backend
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)     # [L, H_kv] bool
-        layers = [HeadSplitLayer(self.retrieval[i], self.policy.sink, self.policy.recent)
-                  for i in range(self.dims.layers)]
+        formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
+        layers = [HeadSplitLayer(self.retrieval[i], self.policy, *formats[i]) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
+        if model.config._attn_implementation != KVTOOL_ATTENTION:
+            use_kvtool_attention(model)
 
     def nbytes(self) -> int:
-        """Bytes of the key/value tensors actually held."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization
+        constants (key ranges, codebooks) that reading the cache needs."""
+        held = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        return held + sum(layer.constants_nbytes() for layer in self.layers if layer.is_initialized)
 
     def full_nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """What a full cache of every head for the tokens seen would take in `dtype`."""
@@ -140,28 +214,40 @@ class CompressedCache(Cache):
         return 2 * d.layers * d.kv_heads * self.get_seq_length() * d.head_dim * item
 
 
+def _profile_method(profile) -> str | None:
+    """The calibration method a profile's default policy names (for a bare `heads=<fraction>`)."""
+    heads = (getattr(profile, "policy", None) or {}).get("heads") if profile is not None else None
+    name = str(heads).split(":")[0] if heads else None
+    return name if name and name not in ("all", "none", "random") else None
+
+
 def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention over a HeadSplitLayer. query: [B, H_q, t, D]; returns ([B, t, H_q, D], None)."""
+    """Attention over a HeadSplitLayer. query: [B, H_q, t, D]; returns ([B, t, H_q, D], None).
+
+    With any other cache (no layer tag on `key`) this is plain causal sdpa, so a model switched to "kvtool" still
+    works with a DynamicCache or no cache."""
     layer = getattr(key, "kvtool_layer", None)
-    if layer is None:
-        raise KvtoolError("the kvtool attention needs a CompressedCache (pass past_key_values=CompressedCache(...))")
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise KvtoolError("padded batches are not supported by the kvtool attention; run one prompt per batch row "
+                          "of equal length, or batch size 1")
     b, hq, t, d = query.shape
+    if layer is None:
+        s = key.shape[2]
+        causal = torch.arange(s, device=query.device).view(1, -1) <= torch.arange(s - t, s, device=query.device).view(-1, 1)
+        return _sdpa(query, key, value, causal, scaling, hq // key.shape[1]), None
     group = hq // (len(layer.ret) + len(layer.stream))
     out = query.new_empty(b, t, hq, d)
     pos = torch.arange(layer.seen - t, layer.seen, device=query.device)     # absolute positions of the queries
     if len(layer.ret):
         idx = _q_index(layer.ret, group)                                        # [|R|·G] query heads
-        keys = torch.arange(layer.full_k.shape[2], device=query.device)
-        causal = keys.view(1, -1) <= pos.view(-1, 1)
-        out[:, :, idx] = _sdpa(query[:, idx], layer.full_k, layer.full_v, causal, scaling, group)
+        keys, values = layer.retrieval_kv(query.dtype)                          # [B, |R|, seen, D]
+        causal = None if t == 1 else torch.arange(keys.shape[2], device=query.device).view(1, -1) <= pos.view(-1, 1)
+        out[:, :, idx] = _sdpa(query[:, idx], keys, values, causal, scaling, group)
     if len(layer.stream):
         idx = _q_index(layer.stream, group)
-        ks = torch.cat([layer.sink_k, layer.recent_k], 2)                     # [B, |S|, n_sink + n_recent', D]
-        vs = torch.cat([layer.sink_v, layer.recent_v], 2)
-        n_sink, n_rec = layer.sink_k.shape[2], layer.recent_k.shape[2]
-        kpos = torch.cat([torch.arange(n_sink), torch.arange(layer.seen - n_rec, layer.seen)]).to(query.device)
+        keys, values, kpos = layer.streaming_kv(query.dtype)                    # [B, |S|, n, D], [n]
         allowed = window_allowed(pos, kpos, layer.n_sink, layer.n_recent)
-        out[:, :, idx] = _sdpa(query[:, idx], ks, vs, allowed, scaling, group)
+        out[:, :, idx] = _sdpa(query[:, idx], keys, values, allowed, scaling, group)
     layer.trim()
     return out, None
 

@@ -186,15 +186,29 @@ def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, 
     return [_assemble(p, head, hay, i, seed) for i, p in enumerate(plans)]
 
 
-def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed: int = 0
-                            ) -> list[tuple[torch.Tensor, str]]:
-    """Classic pass-key prompts (Landmark Attention style): a 5-digit key stated twice inside the haystack, then
-    "What is the pass key? The pass key is". One (prompt ids [T], key) per (length, depth) in `specs`; the prompt has
-    exactly `length` tokens and ends where the answer starts. The haystack is tokenised once for all of them."""
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed: int = 0,
+                            haystack: str = "filler") -> list[tuple[torch.Tensor, str]]:
+    """Classic pass-key prompts (Mohtashami & Jaggi, Landmark Attention, arXiv 2305.16300): a 5-digit key stated
+    twice inside a haystack, then "What is the pass key? The pass key is". One (prompt ids [T], key) per
+    (length, depth) in `specs`; the prompt has exactly `length` tokens and ends where the answer starts.
+
+    haystack "filler": the paper's repeated filler sentences (the key is the only new information, so a model that
+    can read its whole context finds it); "pydoc": a window of Python's own documentation (a harder needle task).
+    """
+    if haystack not in ("filler", "pydoc"):
+        raise KvtoolError(f"unknown pass-key haystack {haystack!r} (filler or pydoc)")
     intro = _encode(tokenizer, "There is an important pass key hidden inside a lot of irrelevant text. "
                                "Find it and memorize it.\n\n")
     question = _encode(tokenizer, "\n\nWhat is the pass key? The pass key is")
-    hay = _haystack_ids(tokenizer, max((int(n) for n, _ in specs), default=1))
+    need = max((int(n) for n, _ in specs), default=1)
+    if haystack == "filler":
+        unit = _encode(tokenizer, FILLER)
+        hay = unit * (need // len(unit) + 2)
+    else:
+        hay = _haystack_ids(tokenizer, need)
     out = []
     for i, (length, depth) in enumerate(specs):
         rng = np.random.default_rng(seed + i)
@@ -203,7 +217,7 @@ def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed:
         n = int(length) - len(_bos(tokenizer)) - len(intro) - len(needle) - len(question)
         if n < 1:
             raise KvtoolError(f"pass-key prompt of {length} tokens is too short; give at least {int(length) - n + 1}")
-        start = int(rng.integers(0, len(hay) - n + 1))
+        start = int(rng.integers(0, len(hay) - n + 1)) if haystack == "pydoc" else 0
         window, cut = hay[start:start + n], int(float(depth) * n)
         ids = _bos(tokenizer) + intro + window[:cut] + needle + window[cut:] + question
         out.append((torch.tensor(ids, dtype=torch.int64), key))              # prompt: [T]

@@ -1,43 +1,68 @@
-"""Side-by-side evaluation: passkey exact match under a cache policy, with the KV bytes the cache really held."""
+"""Side-by-side evaluation on the same inputs: passkey exact match and continuation NLL under a cache, with the KV
+bytes the cache really held and prefill / decode speed.
+
+A cache is named by a *spec*: `full` (transformers' DynamicCache: the uncompressed reference), a kvtool policy
+string (`heads=duo:0.5,k=4,v=4`; a CompressedCache), or a baseline from kvtool.baselines (`quanto:4`,
+`streaming:4:1020`, `press:<name>:<ratio>`).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from kvtool.cache import CompressedCache, prefill, use_kvtool_attention
 from kvtool.data import numeric_passkey_prompts, passkey_samples
 from kvtool.errors import KvtoolError
 
 
 @dataclass
-class PasskeyResult:
-    policy: str
-    correct: int
-    total: int
-    kv_bytes: int            # bytes held after prefill + answer, summed over samples
-    full_bytes: int          # a full cache in the model dtype for the same tokens, summed over samples
+class TaskResult:
+    """One cache spec on one task. Bytes are per sample, averaged; `full16_bytes` is a 16-bit full cache of the same
+    tokens (the reference every ratio uses)."""
+    spec: str
+    task: str
+    samples: int
+    kv_bytes: float
+    full16_bytes: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
     seconds: float
+    correct: int | None = None                # passkey
+    nll: float | None = None                  # nll: mean over every continuation token of every sample
+    hits: list[bool] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
-        return self.full_bytes / max(self.kv_bytes, 1)
+        """How many times smaller than a 16-bit full cache."""
+        return self.full16_bytes / max(self.kv_bytes, 1.0)
+
+    def row(self) -> dict:
+        out = {"cache": self.spec, "task": self.task, "samples": self.samples}
+        if self.task == "passkey":
+            out["accuracy"] = f"{self.correct}/{self.samples}"
+        else:
+            out["nll"] = round(self.nll, 4)
+        out.update({"kv_MiB": round(self.kv_bytes / 2**20, 3), "x_smaller_than_16bit": round(self.ratio, 2),
+                    "prefill_tok_s": round(self.prefill_tokens_per_s, 1),
+                    "decode_tok_s": round(self.decode_tokens_per_s, 2), "seconds": round(self.seconds, 1)})
+        return out
 
 
 def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt: str = "numeric"):
     """One single-needle passkey sample per (length, depth) as (prompt ids [T], answer text).
 
-    fmt "numeric": the classic pass-key prompt (kvtool.data.numeric_passkey_prompts); "nato": kvtool's calibration
-    format with a key of `words` NATO words. The prompt ends where the answer starts.
+    fmt "numeric": the classic 5-digit pass key in repeated filler text (kvtool.data.numeric_passkey_prompts);
+    "pydoc": the same key in a window of Python's documentation; "nato": kvtool's calibration format with a key of
+    `words` NATO words. The prompt ends where the answer starts.
     """
     specs = [(int(n), float(d)) for n in lengths for d in depths]
-    if fmt == "numeric":
-        return numeric_passkey_prompts(tokenizer, specs, seed=seed)
+    if fmt in ("numeric", "pydoc"):
+        return numeric_passkey_prompts(tokenizer, specs, seed=seed, haystack="filler" if fmt == "numeric" else "pydoc")
     if fmt != "nato":
-        raise KvtoolError(f"unknown passkey format {fmt!r} (numeric or nato)")
+        raise KvtoolError(f"unknown passkey format {fmt!r} (numeric, pydoc or nato)")
     out = []
     for i, (length, depth) in enumerate(specs):
         s = passkey_samples(tokenizer, 1, length, n_needles=1, words_per_needle=words, depths=[depth], seed=seed + i)[0]
@@ -46,30 +71,134 @@ def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt:
     return out
 
 
+def nll_samples(tokenizer, n: int, context: int, continuation: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` disjoint windows of natural text (Python's documentation, kvtool.data's haystack) as (context ids [C],
+    continuation ids [N])."""
+    from kvtool.data import _haystack_ids
+
+    need = n * (context + continuation)
+    ids = _haystack_ids(tokenizer, need)
+    if len(ids) < need:
+        raise KvtoolError(f"the built-in text has {len(ids)} tokens; {n} x ({context} + {continuation}) do not fit")
+    rng = np.random.default_rng(seed)
+    stride = len(ids) // n
+    out = []
+    for i in range(n):
+        start = i * stride + int(rng.integers(0, max(1, stride - context - continuation)))
+        w = torch.tensor(ids[start:start + context + continuation], dtype=torch.int64)
+        out.append((w[:context], w[context:]))
+    return out
+
+
+class Timer:
+    """Wall time of a block, synchronising CUDA before reading the clock."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self):
+        _sync()
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync()
+        self.seconds += time.perf_counter() - self._t
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
-def passkey_accuracy(model, tokenizer, samples, policy: str, profile=None, chunk: int = 512) -> PasskeyResult:
-    """Greedy-decode after a chunked prefill; correct when the answer text appears in the first len(answer)+4 tokens
-    generated (passkey evaluations check that the key is in the output)."""
-    previous = model.config._attn_implementation
-    use_kvtool_attention(model)
-    correct = kv = full = 0
+def chunked_prefill(model, ids: torch.Tensor, cache, chunk: int = 512) -> torch.Tensor:
+    """Run a prompt [B, T] through the model in chunks (the full 16-bit cache never exists at once with a
+    CompressedCache); returns the last position's logits [B, V]."""
+    logits = None
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return logits
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512) -> TaskResult:
+    """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens."""
+    from kvtool.baselines import make_cache
+
+    kv = full = 0.0
+    hits, pre, dec = [], Timer(), Timer()
+    n_pre = n_dec = 0
     start = time.perf_counter()
-    cache = CompressedCache(model, profile, policy)          # checks the profile against the model once
-    try:
-        for prompt, answer in samples:
-            cache.reset()
-            logits = prefill(model, prompt.view(1, -1), cache, chunk=chunk)
-            got = []
-            for _ in range(len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4):
-                token = logits.argmax(-1)                                       # [1]
-                got.append(int(token))
+    handle = make_cache(model, profile, spec)
+    dev = _device(model)
+    for prompt, answer in samples:
+        cache = handle.fresh()
+        with pre:
+            logits = chunked_prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
+        n_pre += prompt.numel()
+        got = []
+        steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
+        for i in range(steps):
+            token = logits.argmax(-1)                                            # [1]
+            got.append(int(token))
+            if i + 1 == steps:
+                break
+            with dec:
                 logits = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-            correct += int(answer in tokenizer.decode(got))
-            kv += cache.nbytes()
-            full += cache.full_nbytes(next(model.parameters()).dtype)
-    finally:
-        model.set_attn_implementation(previous)
-    return PasskeyResult(policy, correct, len(samples), kv, full, time.perf_counter() - start)
+            n_dec += 1
+        hits.append(answer in tokenizer.decode(got))
+        kv += handle.nbytes(cache)
+        full += handle.full16(cache)
+    n = max(len(samples), 1)
+    return TaskResult(spec, "passkey", len(samples), kv / n, full / n, n_pre / max(pre.seconds, 1e-9),
+                      n_dec / max(dec.seconds, 1e-9), time.perf_counter() - start, correct=sum(hits), hits=hits)
+
+
+@torch.inference_mode()
+def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_steps: int = 16) -> TaskResult:
+    """Compress each context (chunked prefill), then teacher-force the continuation in one forward through the cache;
+    NLL = mean cross-entropy of every continuation token (the first predicted from the context's last position).
+    Bytes are read after the context and the continuation are in the cache. Decode speed: `decode_steps` greedy
+    single-token steps after that."""
+    from kvtool.baselines import make_cache
+
+    total_nll, total_tok, kv, full = 0.0, 0, 0.0, 0.0
+    pre, dec = Timer(), Timer()
+    n_pre = n_dec = 0
+    start = time.perf_counter()
+    handle = make_cache(model, profile, spec)
+    dev = _device(model)
+    for context, cont in samples:
+        cache = handle.fresh()
+        with pre:
+            last = chunked_prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
+        n_pre += context.numel()
+        cont = cont.to(dev)
+        logits = model(input_ids=cont[:-1].view(1, -1), past_key_values=cache, use_cache=True).logits[0]
+        logits = torch.cat([last, logits], 0).float()                                       # [N, V]
+        total_nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
+        total_tok += cont.numel()
+        kv += handle.nbytes(cache)
+        full += handle.full16(cache)
+        token = logits[-1].argmax().view(1, 1)
+        for _ in range(decode_steps):
+            with dec:
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            n_dec += 1
+    n = max(len(samples), 1)
+    return TaskResult(spec, "nll", len(samples), kv / n, full / n, n_pre / max(pre.seconds, 1e-9),
+                      n_dec / max(dec.seconds, 1e-9), time.perf_counter() - start, nll=total_nll / max(total_tok, 1))
+
+
+def passkey_accuracy(model, tokenizer, samples, policy: str, profile=None, chunk: int = 512):
+    """Passkey under one spec (kept for benchmarks/passkey_heads.py); see run_passkey."""
+    return run_passkey(model, tokenizer, samples, policy, profile, chunk)
 
 
 def default_depths(n: int) -> np.ndarray:

@@ -1,19 +1,34 @@
-"""Compression policy strings: `heads=duo:0.5,sink=64,recent=256`.
+"""Compression policy strings: `heads=duo:0.5,k=4bit,v=4bit,sink=64,recent=256`.
 
 Fields (comma-separated `key=value`, every field optional):
-  heads   which KV heads keep the whole context (retrieval); the others keep sink + recent tokens (streaming):
-          `all` (lossless), `none` (every head streaming), `<method>` (the mask stored by that calibration method),
-          `<method>:<fraction>` (the top fraction of that method's score, a global quantile), `random:<fraction>[:seed]`.
-  sink    tokens kept at the start by streaming heads (default 64)
-  recent  most recent tokens kept by streaming heads (default 256)
-Quantization fields (`k=4bit,v=4bit`) belong to the quantized runtime and are refused until it exists.
+  heads     which KV heads keep the whole context (retrieval); the others keep sink + recent tokens (streaming):
+            `all` (every head; the default), `none` (every head streaming), `<method>` (the mask stored by that
+            calibration method), `<method>:<fraction>` (the top fraction of that method's score, a global quantile),
+            `<fraction>` alone (the profile's own method at that fraction), `random:<fraction>[:seed]`.
+  sink      tokens kept at the start in 16 bits (by streaming heads, and by retrieval heads before the quantized
+            body); default 64
+  recent    most recent tokens kept by streaming heads; default 256
+  k, v      bits per key / value element of retrieval heads: 2, 3, 4, 8 or 16 (no quantization); `4bit` works too
+  buffer    most recent tokens retrieval heads keep in 16 bits before quantizing them; default 128
+  krope     `post` (quantize keys after RoPE; default) or `pre` (undo RoPE, quantize, redo it on read — KVQuant)
+  kclip     quantile of the calibrated per-channel key range: 1 (min..max), 0.999 (default), 0.995, 0.99
+  outliers  `on`: key elements outside the clipped range are stored exactly (sparse, 16 bits); `off` clamps them
+  codebook  `uniform` (default) or `kmeans` (non-uniform levels from `kvtool calibrate --method kvquant`)
+  vgroup    channels per value scale group (per token); default 32
+  dtype     storage of the unquantized parts: `auto` (16 bits: the model's dtype if it is 16-bit, else float16),
+            `model` (exactly the model's dtype), `fp16`, `bf16`, `fp32`
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kvtool.errors import KvtoolError
+
+QUANT_BITS = (2, 3, 4, 8, 16)
+CLIP_LEVELS = (1.0, 0.999, 0.995, 0.99)
+DTYPES = ("auto", "model", "fp16", "bf16", "fp32")
+FIELDS = ("heads", "sink", "recent", "k", "v", "buffer", "krope", "kclip", "outliers", "codebook", "vgroup", "dtype")
 
 
 @dataclass(frozen=True)
@@ -23,27 +38,74 @@ class Policy:
     seed: int = 0
     sink: int = 64
     recent: int = 256
+    k: int = 16
+    v: int = 16
+    buffer: int = 128
+    krope: str = "post"
+    kclip: float = 0.999
+    outliers: bool = False
+    codebook: str = "uniform"
+    vgroup: int = 32
+    dtype: str = "auto"
+
+    @property
+    def quantized(self) -> bool:
+        return self.k < 16 or self.v < 16
 
     @classmethod
-    def parse(cls, text: str | None) -> "Policy":
+    def parse(cls, text: str | None, default_method: str | None = None) -> "Policy":
+        """Parse a policy string; `default_method` names the method a bare `heads=<fraction>` refers to."""
         if text is None or not text.strip():
             return cls()
         fields: dict = {}
+        seen: set[str] = set()
         for part in text.split(","):
             if "=" not in part:
-                raise KvtoolError(f"policy field {part.strip()!r} is not key=value (e.g. heads=duo:0.5,sink=64)")
+                raise KvtoolError(f"policy field {part.strip()!r} is not key=value (e.g. heads=duo:0.5,k=4,v=4)")
             key, value = (s.strip() for s in part.split("=", 1))
-            if key in fields or (key == "heads" and "heads" in fields):
+            if key in seen:
                 raise KvtoolError(f"policy field {key!r} is given twice")
+            seen.add(key)
             if key == "heads":
-                fields.update(_heads(value))
-            elif key in ("sink", "recent"):
-                fields[key] = _count(key, value, least=0 if key == "sink" else 1)
+                fields.update(_heads(value, default_method))
+            elif key in ("sink", "recent", "buffer", "vgroup"):
+                fields[key] = _count(key, value, least={"sink": 0, "buffer": 0}.get(key, 1))
             elif key in ("k", "v"):
-                raise KvtoolError(f"policy field {key!r}: KV quantization is not available in this runtime yet")
+                fields[key] = _bits(key, value)
+            elif key == "krope":
+                fields[key] = _choice(key, value, ("post", "pre"))
+            elif key == "kclip":
+                fields[key] = _clip(value)
+            elif key == "outliers":
+                fields[key] = _choice(key, value, ("on", "off")) == "on"
+            elif key == "codebook":
+                fields[key] = _choice(key, value, ("uniform", "kmeans"))
+            elif key == "dtype":
+                fields[key] = _choice(key, value, DTYPES)
             else:
-                raise KvtoolError(f"unknown policy field {key!r} (known: heads, sink, recent)")
+                raise KvtoolError(f"unknown policy field {key!r} (known: {', '.join(FIELDS)})")
         return cls(**fields)
+
+    @classmethod
+    def from_profile(cls, stored: dict | None) -> "Policy":
+        """The default policy a profile records (`kvtool.policy`: heads, sink, recent, k_bits, v_bits)."""
+        stored = stored or {}
+        parts = [f"heads={stored['heads']}"] if stored.get("heads") else []
+        parts += [f"{k}={stored[k]}" for k in ("sink", "recent") if k in stored]
+        parts += [f"{k[0]}={stored[k]}" for k in ("k_bits", "v_bits") if k in stored]
+        return cls.parse(",".join(parts))
+
+    def __str__(self) -> str:
+        """The canonical policy string (fields that differ from the defaults, heads always)."""
+        heads = self.heads if self.fraction is None else f"{self.heads}:{self.fraction:g}"
+        if self.heads == "random" and self.seed:
+            heads += f":{self.seed}"
+        out, base = [f"heads={heads}"], asdict(Policy())
+        for key in FIELDS[1:]:
+            value = getattr(self, key)
+            if value != base[key]:
+                out.append(f"{key}={'on' if value is True else 'off' if value is False else value}")
+        return ",".join(out)
 
 
 def _count(key: str, value: str, least: int) -> int:
@@ -56,7 +118,44 @@ def _count(key: str, value: str, least: int) -> int:
     return n
 
 
-def _heads(value: str) -> dict:
+def _bits(key: str, value: str) -> int:
+    text = value.lower().removesuffix("bit").removesuffix("bits")
+    try:
+        n = int(text)
+    except ValueError:
+        raise KvtoolError(f"policy field {key!r}: {value!r} is not a bit width (2, 3, 4, 8 or 16)") from None
+    if n not in QUANT_BITS:
+        raise KvtoolError(f"policy field {key!r}: {n} bits is not supported (2, 3, 4, 8 or 16)")
+    return n
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise KvtoolError(f"policy field {key!r}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _clip(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise KvtoolError(f"policy field 'kclip': {value!r} is not a number") from None
+    if x not in CLIP_LEVELS:
+        raise KvtoolError(f"policy field 'kclip': {value} is not a calibrated level ({', '.join(map(str, CLIP_LEVELS))})")
+    return x
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        raise KvtoolError(f"policy field 'heads': fraction {text!r} is not a number") from None
+    if not 0.0 <= f <= 1.0:
+        raise KvtoolError(f"policy field 'heads': fraction {f} is outside [0, 1]")
+    return f
+
+
+def _heads(value: str, default_method: str | None) -> dict:
     parts = value.split(":")
     name = parts[0]
     if not name:
@@ -65,14 +164,16 @@ def _heads(value: str) -> dict:
         if len(parts) > 1:
             raise KvtoolError(f"policy field 'heads': {name!r} takes no fraction")
         return {"heads": name}
+    if name[0].isdigit() or name[0] == ".":                              # heads=0.5: the profile's own method
+        if len(parts) > 1:
+            raise KvtoolError(f"policy field 'heads': {value!r} has too many ':' parts")
+        if default_method is None:
+            raise KvtoolError("policy field 'heads': a bare fraction needs a profile with a calibrated method "
+                              "(or name one, e.g. heads=duo:0.5)")
+        return {"heads": default_method, "fraction": _fraction(name)}
     out = {"heads": name}
     if len(parts) > 1:
-        try:
-            out["fraction"] = float(parts[1])
-        except ValueError:
-            raise KvtoolError(f"policy field 'heads': fraction {parts[1]!r} is not a number") from None
-        if not 0.0 <= out["fraction"] <= 1.0:
-            raise KvtoolError(f"policy field 'heads': fraction {out['fraction']} is outside [0, 1]")
+        out["fraction"] = _fraction(parts[1])
     if name == "random":
         if "fraction" not in out:
             raise KvtoolError("policy field 'heads': random needs a fraction, e.g. heads=random:0.5")

@@ -46,18 +46,18 @@ def test_lossless_policy_equals_dynamic_cache(kind):
     with torch.no_grad():
         ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
         ref_gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False)
-    got, cache = cached_logits(model, ids, "heads=all", prompt=60, chunk=16)
+    got, cache = cached_logits(model, ids, "heads=all,dtype=model", prompt=60, chunk=16)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
     use_kvtool_attention(model)
     gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False,
-                         past_key_values=CompressedCache(model, None, "heads=all"))
+                         past_key_values=CompressedCache(model, None, "heads=all,dtype=model"))
     model.set_attn_implementation("sdpa")
     assert torch.equal(gen, ref_gen)
     assert cache.get_seq_length() == 90 and cache.nbytes() == cache.full_nbytes(torch.float32)
 
 
-@pytest.mark.parametrize("policy", ["heads=random:0.5:1,sink=4,recent=16", "heads=none,sink=3,recent=9",
-                                    "heads=random:0.25:2,sink=0,recent=5"])
+@pytest.mark.parametrize("policy", ["heads=random:0.5:1,sink=4,recent=16,dtype=model", "heads=none,sink=3,recent=9,dtype=fp32",
+                                    "heads=random:0.25:2,sink=0,recent=5,dtype=model"])
 def test_head_split_equals_masked_oracle(policy):
     model = tiny_model("gqa")
     ids = needle_sample(T=80).input_ids.view(1, -1)
@@ -70,7 +70,7 @@ def test_streaming_tokens_are_really_dropped_and_counted():
     model = tiny_model("gqa")                                                 # 3 layers, 2 KV heads, D = 16, fp32
     ids = needle_sample(T=100).input_ids.view(1, -1)
     use_kvtool_attention(model)
-    cache = CompressedCache(model, None, "heads=random:0.5:0,sink=4,recent=16")
+    cache = CompressedCache(model, None, "heads=random:0.5:0,sink=4,recent=16,dtype=model")
     prefill(model, ids, cache, chunk=32)
     model.set_attn_implementation("sdpa")
     R = int(cache.retrieval.sum())
@@ -79,14 +79,17 @@ def test_streaming_tokens_are_really_dropped_and_counted():
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors())
     assert cache.nbytes() == held == expected
     for layer in cache.layers:
-        assert layer.recent_k.shape[2] == 16 and layer.sink_k.shape[2] == 4 and layer.full_k.shape[2] == 100
+        assert layer.recent_k.shape[2] == 16 and layer.sink_k.shape[2] == 4 and len(layer.k_store) == (100 if len(layer.ret) else 0)
     assert cache.full_nbytes(torch.float32) == 2 * 3 * 2 * 100 * 16 * 4
 
 
 @pytest.mark.parametrize("text,needle", [
     ("heads=duo:1.5", "outside [0, 1]"), ("heads=random", "needs a fraction"), ("sink=-1", "'sink' must be at least 0"),
     ("recent=abc", "'recent': 'abc' is not a whole number"), ("bogus=1", "unknown policy field 'bogus'"),
-    ("heads", "is not key=value"), ("k=4bit", "not available"), ("sink=4,sink=5", "given twice"),
+    ("heads", "is not key=value"), ("k=5bit", "'k': 5 bits is not supported"), ("v=four", "'v': 'four' is not a bit"),
+    ("sink=4,sink=5", "given twice"), ("krope=mid", "'krope': 'mid' is not one of"), ("kclip=0.9", "'kclip': 0.9"),
+    ("outliers=yes", "'outliers'"), ("codebook=lloyd", "'codebook'"), ("vgroup=0", "'vgroup' must be at least 1"),
+    ("dtype=int8", "'dtype'"), ("heads=0.5", "bare fraction needs a profile"),
 ])
 def test_malformed_policy_names_the_field(text, needle):
     with pytest.raises(KvtoolError, match=needle.replace("[", "\\[").replace("]", "\\]")):
