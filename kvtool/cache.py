@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, Cache
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtool.errors import KvtoolError
@@ -46,6 +47,8 @@ def retrieval_heads(policy: Policy, profile, dims: Dims) -> torch.Tensor:
     if profile is None:
         raise KvtoolError(f"policy heads={policy.heads} needs a profile")
     key = f"heads.{policy.heads}.score" if policy.fraction is not None else f"heads.{policy.heads}.mask"
+    if key == "heads.retrieval.score" and key not in profile and "heads.retrieval_score" in profile:
+        key = "heads.retrieval_score"                    # a traced profile not yet calibrated: the trace's copy score
     if key not in profile:
         raise KvtoolError(f"policy heads={policy.heads}: the profile has no {key} (run kvtool calibrate --method {policy.heads})")
     if policy.fraction is not None:
@@ -227,9 +230,6 @@ def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     With any other cache (no layer tag on `key`) this is plain causal sdpa, so a model switched to "kvtool" still
     works with a DynamicCache or no cache."""
     layer = getattr(key, "kvtool_layer", None)
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise KvtoolError("padded batches are not supported by the kvtool attention; run one prompt per batch row "
-                          "of equal length, or batch size 1")
     b, hq, t, d = query.shape
     if layer is None:
         s = key.shape[2]
@@ -264,7 +264,17 @@ def _sdpa(q, k, v, allowed, scaling, group) -> torch.Tensor:
     return o.transpose(1, 2)
 
 
+def kvtool_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """The mask hook transformers calls for the "kvtool" attention: masks are built inside the attention from token
+    positions, so this returns None; a padding mask with any masked token is refused (one line, no wrong output)."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise KvtoolError("padded batches are not supported by the kvtool attention; batch prompts of equal length "
+                          "without padding, or use batch size 1")
+    return None
+
+
 AttentionInterface.register(KVTOOL_ATTENTION, kvtool_attention)
+AttentionMaskInterface.register(KVTOOL_ATTENTION, kvtool_mask)
 
 
 def use_kvtool_attention(model) -> None:
