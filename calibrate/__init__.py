@@ -1,19 +1,40 @@
 """Calibration methods, one module per method, registered by name.
 
 A method reads traced statistics (or runs its own optimisation) and writes one section of a profile. Methods
-register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. Head methods return
-a `calibrate.heads.HeadsResult`. Implemented: `retrieval`, `razor`, `duo`; the other reference methods (kvquant, pca,
-pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
+register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. A method's `run`
+returns a `Result`: head methods a `calibrate.heads.HeadsResult` (section `heads.<method>`, a retrieval `mask`, and
+they set the default policy's `heads`); others name their own section (`kvquant`: codebooks under `quant.`).
+Implemented: `retrieval`, `razor`, `duo` (KV heads), `kvquant` (non-uniform quantization levels); the other reference
+methods (pca, pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from kvtool.errors import KvtoolError
 
 _REGISTRY: dict[str, Callable] = {}
-_MODULES = ("retrieval", "razor", "duo")   # imported on first lookup; each registers itself
+_MODULES = ("retrieval", "razor", "duo", "kvquant")   # imported on first lookup; each registers itself
+
+
+@dataclass
+class Result:
+    """A method's output: `tensors` go to the profile as `<section>.<name>` (section default `heads.<method>`), after
+    every tensor whose name starts with one of `replaces` (default `<section>.`) is removed; `params` land in
+    kvtool.calibration["methods"][method]. `windows`: sink/recent sizes, for head methods (see HeadsResult)."""
+
+    method: str
+    tensors: dict
+    params: dict = field(default_factory=dict)
+    windows: dict = field(default_factory=dict)
+    section: str = ""
+    replaces: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.section = self.section or f"heads.{self.method}"
+        self.replaces = tuple(self.replaces) or (f"{self.section}.",)
 
 
 def _load() -> None:

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
+from calibrate import Result
 from kvtool.errors import KvtoolError
 
 
-@dataclass
-class HeadsResult:
-    """A method's output: tensors for `heads.<method>.*` (each [L, H_kv]) and its provenance.
+class HeadsResult(Result):
+    """A head method's output: tensors for `heads.<method>.*` (each [L, H_kv]) and its provenance.
 
     `score` is continuous (higher = needs the whole context more); `mask` is the chosen retrieval set (uint8, 1 =
     keep every token). `params` lands in kvtool.calibration["methods"][method]; `windows` are the sink/recent sizes
-    the method used (training) and proposes (deployment), kept as separate fields.
+    the method used (training) and proposes (deployment), kept as separate fields. kvtool.api.calibrate sets the
+    default policy's `heads` from the mask of a HeadsResult (and of no other Result).
     """
-
-    method: str
-    tensors: dict[str, torch.Tensor]
-    params: dict = field(default_factory=dict)
-    windows: dict = field(default_factory=dict)
 
 
 def check_fraction(fraction: float) -> float:

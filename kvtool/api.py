@@ -94,11 +94,14 @@ def merge_profiles(*profiles: Profile) -> Profile:
 
 def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, fraction: float | None = None,
               options: dict | None = None, on_progress=None) -> Profile:
-    """Run a registered head-classification method and return `profile` (or a new one) with its `heads.<method>.*`
-    section: continuous score, chosen mask, method extras; provenance and windows under
-    kvtool.calibration["methods"][method]; the default policy's `heads` set to `<method>:<fraction kept>`."""
+    """Run a registered calibration method and return `profile` (or a new one) with its section.
+
+    Head methods (a `calibrate.heads.HeadsResult`) write `heads.<method>.*`: continuous score, chosen mask, method
+    extras, and set the default policy's `heads` to `<method>:<fraction kept>`; other methods write their own section
+    (`kvquant`: `quant.*` codebooks) and leave the policy alone. Provenance goes under
+    kvtool.calibration["methods"][method] (head methods add their `windows`)."""
     import calibrate as registry
-    from calibrate.heads import check_fraction
+    from calibrate.heads import HeadsResult, check_fraction
 
     runner_cls = registry.get(method)
     if fraction is not None:
@@ -120,12 +123,15 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
                                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                        "kvtool_version": __version__},
                           policy=dict(DEFAULT_POLICY))
-    tensors = {k: v for k, v in profile.tensors.items() if not k.startswith(f"heads.{method}.")}
-    tensors.update({f"heads.{method}.{name}": t for name, t in result.tensors.items()})
+    heads = isinstance(result, HeadsResult)
+    tensors = {k: v for k, v in profile.tensors.items() if not k.startswith(result.replaces)}
+    tensors.update({f"{result.section}.{name}": t for name, t in result.tensors.items()})
     calibration = dict(profile.calibration)
-    calibration["methods"] = {**calibration.get("methods", {}),
-                              method: {**result.params, "windows": result.windows,
-                                       "seconds": round(time.perf_counter() - start, 2)}}
-    kept = result.tensors["mask"].float().mean().item()
-    policy = {**profile.policy, "heads": f"{method}:{kept:.4g}"}
+    entry = {**result.params, **({"windows": result.windows} if heads else {}),
+             "seconds": round(time.perf_counter() - start, 2)}
+    calibration["methods"] = {**calibration.get("methods", {}), method: entry}
+    policy = dict(profile.policy)
+    if heads:
+        kept = result.tensors["mask"].float().mean().item()
+        policy["heads"] = f"{method}:{kept:.4g}"
     return Profile(tensors=tensors, model=profile.model, calibration=calibration, policy=policy)

@@ -52,6 +52,9 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")   # transformers 5.2x renames it
     transformers.logging.disable_progress_bar()
 
 
@@ -192,13 +195,18 @@ def _table(title: str, rows: list[dict]) -> Table:
 
 @app.command()
 def calibrate(
-    method: str = typer.Option(..., "--method", "-m", help="Head classification: retrieval or razor."),
+    method: str = typer.Option(..., "--method", "-m", help="retrieval, razor or duo (classify KV heads) or kvquant (k-means quantization levels)."),
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
-    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model)."),
+    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; kvquant needs one)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else <model>.kv.st)."),
     fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help="Keep this fraction of KV heads as retrieval heads (global quantile of the score) instead of the method's own rule."),
-    samples: int = typer.Option(8, "--samples", "-n", help="retrieval: passkey samples."),
-    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="retrieval: tokens per sample."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="retrieval: passkey samples (default 8); kvquant: calibration samples (default 4)."),
+    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="retrieval, kvquant: tokens per sample."),
+    data: Optional[str] = typer.Option(None, "--data", help="kvquant: 'passkey' (built-in, the default) or a .txt / .jsonl file."),
+    bits: str = typer.Option("2,3,4", "--bits", help="kvquant: bit widths to learn levels for, comma-separated (2, 3, 4, 8)."),
+    kclip: float = typer.Option(0.999, "--kclip", help="kvquant: key range quantile level (1 = min..max; 0.999, 0.995, 0.99); the runtime's kclip must match."),
+    vgroup: int = typer.Option(32, "--vgroup", help="kvquant: value channels per per-token scale group (divides head_dim); the runtime's vgroup must match."),
+    weighting: str = typer.Option("none", "--weighting", help="kvquant: 'none' (plain k-means) or 'fisher' (weights = squared gradients; one backward pass per sample)."),
     probe_len: int = typer.Option(2500, "--probe-len", help="razor: random tokens per copy (scaled down to the context)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="duo: 'cpu' (~16 min on 2 cores for the default model; the default without a GPU) or 'paper'."),
     steps: Optional[int] = typer.Option(None, "--steps", help="duo: optimisation steps (overrides the preset)."),
@@ -208,7 +216,9 @@ def calibrate(
     dtype: str = typer.Option("float32", "--dtype"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Classify KV heads as retrieval (whole context) or streaming (sink + recent) and write heads.<method>.*"""
+    """Calibrate one method and write its section: KV heads as retrieval (whole context) or streaming (sink + recent)
+    to heads.<method>.* (retrieval, razor, duo), or k-means quantization levels for keys and values to quant.*
+    (kvquant; use them with the run policy codebook=kmeans)."""
     import calibrate as registry
     from calibrate.heads import check_fraction
     from kvtool.api import calibrate as run_calibration
@@ -226,22 +236,49 @@ def calibrate(
         err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
     duo = {k: v for k, v in {"steps": steps, "checkpoint": str(checkpoint) if checkpoint else None,
                              "checkpoint_every": checkpoint_every, "resume": resume}.items() if v not in (None, False)}
-    options = {"retrieval": {"samples": samples, "seq_len": seq_len}, "razor": {"probe_len": probe_len},
-               "duo": {"preset": preset, **duo}}.get(method, {})
+    options = {"retrieval": {"samples": 8 if samples is None else samples, "seq_len": seq_len},
+               "razor": {"probe_len": probe_len}, "duo": {"preset": preset, **duo}}.get(method, {})
+    if method == "kvquant":
+        if fraction is not None:
+            raise KvtoolError("--retrieval-fraction does not apply to kvquant (it learns quantization levels)")
+        if profile_in is None:
+            raise KvtoolError("kvquant needs a profile's channel ranges: give --profile (made by `kvtool profile`)")
+        try:
+            bit_list = [int(b) for b in bits.replace(",", " ").split()]
+        except ValueError:
+            raise KvtoolError(f"--bits must be comma-separated integers such as 2,3,4 (got {bits!r})") from None
+        options = {"bits": bit_list, "kclip": kclip, "vgroup": vgroup, "samples": 4 if samples is None else samples,
+                   "seq_len": seq_len, "data": data, "weighting": weighting}
+        registry.get(method)(**options)                        # bad bits / kclip / vgroup: fail before loading
     _quiet_libraries()
     with err.status("Loading model"):
         mdl, tok = load_model(model, dtype=dtype)
         base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
     with _progress() as bar:
-        total = samples if method == "retrieval" else \
-            (steps or registry.get("duo").from_preset(preset).steps) if method == "duo" else 1
+        total = options["samples"] if method == "retrieval" else \
+            (steps or registry.get("duo").from_preset(preset).steps) if method == "duo" else \
+            (options["samples"] + mdl.config.get_text_config().num_hidden_layers) if method == "kvquant" else 1
         task = bar.add_task(f"calibrate {method}", total=total, info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
                                on_progress=lambda i, info="": bar.update(task, completed=i, info=info))
     prof.save(path)
+    record = prof.calibration["methods"][method]
+    if method == "kvquant":
+        summary = {"output": str(path), "method": method, "bits": record["bits"], "kclip": record["kclip"],
+                   "vgroup": record["vgroup"], "samples": record["samples"], "seq_len": record["seq_len"],
+                   "points": record["points"], "weighting": record["weighting"],
+                   "uniform_fallback": len(record["uniform_fallback"]), "seconds": record["seconds"]}
+        if as_json:
+            print(json.dumps(summary, indent=2))
+            return
+        fallback = f", {summary['uniform_fallback']} codebooks left uniform" if summary["uniform_fallback"] else ""
+        out.print(f"kvquant: k-means levels for {'/'.join(map(str, summary['bits']))}-bit keys (pre/post RoPE, "
+                  f"kclip {summary['kclip']}) and values (vgroup {summary['vgroup']}) from {summary['samples']} x "
+                  f"{summary['seq_len']} tokens{fallback} ({summary['seconds']} s) -> [bold]{path}[/]")
+        return
     mask = prof[f"heads.{method}.mask"]
     summary = {"output": str(path), "method": method, "retrieval_heads": int(mask.sum()), "kv_heads": mask.numel(),
-               "policy": prof.policy, "seconds": prof.calibration["methods"][method]["seconds"]}
+               "policy": prof.policy, "seconds": record["seconds"]}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -263,6 +300,8 @@ def merge(
     merged.save(path)
     out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples) into [bold]{path}[/]")
 
+
+from kvtool import cli_run  # noqa: E402,F401  (registers `run` and `bench` on the app)
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """The `.kv.st` profile: a safetensors file of tensors named by section plus `kvtool.*` JSON metadata.
 
 Format (docs/profile-format.md): tensors `heads.*` [L, H_kv, ...], `layers.*` [L-1 or L, ...], `channels.*`,
-`pca.*`, `quant.*` [L, H_kv, D, ...], raw mergeable statistics `stats.*`; metadata keys `kvtool.format_version`,
-`kvtool.model`, `kvtool.calibration`, `kvtool.policy` (JSON strings). Writes are atomic; loading validates shapes and
-metadata and refuses a profile made for another model.
+`pca.*` [L, H_kv, D, ...], `quant.*` [L, H_kv, ...], raw mergeable statistics `stats.*`; metadata keys
+`kvtool.format_version`, `kvtool.model`, `kvtool.calibration`, `kvtool.policy` (JSON strings). Writes are atomic;
+loading validates shapes and metadata and refuses a profile made for another model.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Profile:
             if not isinstance(t, torch.Tensor):
                 raise KvtoolError(f"{where}: {name} is not a tensor")
             shape, section = tuple(t.shape), name.split(".", 1)[0]
-            expect = {"heads": (L, H), "channels": (L, H, D), "pca": (L, H, D), "quant": (L, H, D)}.get(section)
+            expect = {"heads": (L, H), "channels": (L, H, D), "pca": (L, H, D), "quant": (L, H)}.get(section)
             if expect is not None and shape[: len(expect)] != expect:
                 raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected it to start with {list(expect)}")
             if section == "pca" and name.endswith(".basis") and shape[3:4] != (D,):
