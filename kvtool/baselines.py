@@ -47,7 +47,7 @@ class CacheHandle:
         return 2 * layers * heads * self.tokens(cache) * dim * 2
 
 
-def make_cache(model, profile, spec: str) -> CacheHandle:
+def make_cache(model, profile, spec: str, backend: str = "auto") -> CacheHandle:
     from kvtool.trace import Dims
 
     d = Dims.of(model)
@@ -65,18 +65,18 @@ def make_cache(model, profile, spec: str) -> CacheHandle:
         parts = spec.split(":")
         if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
             raise KvtoolError(f"baseline {spec!r}: write streaming:<sink>:<recent>, e.g. streaming:4:1020")
-        return _kvtool(model, None, f"heads=none,sink={parts[1]},recent={parts[2]}", dims, label=spec)
+        return _kvtool(model, None, f"heads=none,sink={parts[1]},recent={parts[2]}", dims, backend, label=spec)
     if spec.startswith("press:"):
         from kvtool.press import press_handle
 
         return press_handle(model, spec, dims)
-    return _kvtool(model, profile, spec, dims)
+    return _kvtool(model, profile, spec, dims, backend)
 
 
-def _kvtool(model, profile, policy: str, dims, label: str | None = None) -> CacheHandle:
+def _kvtool(model, profile, policy: str, dims, backend: str, label: str | None = None) -> CacheHandle:
     from kvtool.cache import CompressedCache
 
-    cache = CompressedCache(model, profile, policy)        # validated once; reset per sample
+    cache = CompressedCache(model, profile, policy, backend=backend)        # validated once; reset per sample
 
     def fresh():
         cache.reset()

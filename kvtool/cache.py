@@ -67,8 +67,9 @@ class HeadSplitLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, retrieval: torch.Tensor, policy: Policy, keys: KeyFormat | None = None,
-                 values: ValueFormat | None = None):
+                 values: ValueFormat | None = None, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.ret = retrieval.nonzero().view(-1)                                # retrieval KV head ids
         self.stream = (~retrieval).nonzero().view(-1)                          # streaming KV head ids
         self.policy, self.key_format, self.value_format = policy, keys, values
@@ -83,8 +84,8 @@ class HeadSplitLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         store = storage_dtype(self.policy.dtype, key_states.dtype)
         p = self.policy
-        self.k_store = TokenStore(p.k, p.sink, p.buffer, store, key=self.key_format)
-        self.v_store = TokenStore(p.v, p.sink, p.buffer, store, value=self.value_format)
+        self.k_store = TokenStore(p.k, p.sink, p.buffer, store, key=self.key_format, backend=self.backend)
+        self.v_store = TokenStore(p.v, p.sink, p.buffer, store, value=self.value_format, backend=self.backend)
         empty = lambda n: key_states.new_zeros(b, n, 0, d, dtype=store)        # noqa: E731
         self.sink_k, self.sink_v = empty(len(self.stream)), empty(len(self.stream))
         self.recent_k, self.recent_v = empty(len(self.stream)), empty(len(self.stream))
@@ -196,10 +197,13 @@ class CompressedCache(Cache):
         if profile is not None:
             profile.check_model(model)
         self.dims = Dims.of(model)
-        self.backend = backend
+        import cupy_kernels
+
+        self.backend = cupy_kernels.select_backend(backend, next(model.parameters()).device)   # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)     # [L, H_kv] bool
         formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
-        layers = [HeadSplitLayer(self.retrieval[i], self.policy, *formats[i]) for i in range(self.dims.layers)]
+        layers = [HeadSplitLayer(self.retrieval[i], self.policy, *formats[i], backend=self.backend)
+                  for i in range(self.dims.layers)]
         super().__init__(layers=layers)
         if model.config._attn_implementation != KVTOOL_ATTENTION:
             use_kvtool_attention(model)
@@ -238,18 +242,57 @@ def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     group = hq // (len(layer.ret) + len(layer.stream))
     out = query.new_empty(b, t, hq, d)
     pos = torch.arange(layer.seen - t, layer.seen, device=query.device)     # absolute positions of the queries
+    fused = t == 1 and layer.backend == "cupy"                                 # decode step on the CuPy kernels
     if len(layer.ret):
         idx = _q_index(layer.ret, group)                                        # [|R|·G] query heads
-        keys, values = layer.retrieval_kv(query.dtype)                          # [B, |R|, seen, D]
-        causal = None if t == 1 else torch.arange(keys.shape[2], device=query.device).view(1, -1) <= pos.view(-1, 1)
-        out[:, :, idx] = _sdpa(query[:, idx], keys, values, causal, scaling, group)
+        if fused and fused_retrieval_ok(layer):
+            out[:, 0, idx] = fused_retrieval(layer, query[:, idx, 0], scaling)
+        else:
+            keys, values = layer.retrieval_kv(query.dtype)                      # [B, |R|, seen, D]
+            causal = None if t == 1 else torch.arange(keys.shape[2], device=query.device).view(1, -1) <= pos.view(-1, 1)
+            out[:, :, idx] = _sdpa(query[:, idx], keys, values, causal, scaling, group)
     if len(layer.stream):
         idx = _q_index(layer.stream, group)
-        keys, values, kpos = layer.streaming_kv(query.dtype)                    # [B, |S|, n, D], [n]
-        allowed = window_allowed(pos, kpos, layer.n_sink, layer.n_recent)
-        out[:, :, idx] = _sdpa(query[:, idx], keys, values, allowed, scaling, group)
+        if fused:
+            out[:, 0, idx] = fused_window(layer, query[:, idx, 0], scaling)
+        else:
+            keys, values, kpos = layer.streaming_kv(query.dtype)                # [B, |S|, n, D], [n]
+            allowed = window_allowed(pos, kpos, layer.n_sink, layer.n_recent)
+            out[:, :, idx] = _sdpa(query[:, idx], keys, values, allowed, scaling, group)
     layer.trim()
     return out, None
+
+
+def fused_retrieval_ok(layer: HeadSplitLayer) -> bool:
+    """The fused decode kernel reads sink | packed body | buffer directly; pre-RoPE keys, key outliers, a zero
+    buffer (the new token would be read quantized) and mixed 16-bit/quantized K and V take the torch path."""
+    k, v = layer.k_store, layer.v_store
+    if k.bits >= 16 and v.bits >= 16:
+        return True
+    return (k.bits < 16 and v.bits < 16 and layer.policy.buffer > 0 and k.key.rope is None and not k.key.outliers)
+
+
+def fused_retrieval(layer: HeadSplitLayer, q: torch.Tensor, scaling) -> torch.Tensor:
+    """q [B, |R|·G, D] → [B, |R|·G, D] with cupy_kernels.decode_attention (or window_attention when 16-bit)."""
+    import cupy_kernels
+
+    k, v = layer.k_store, layer.v_store
+    if k.bits >= 16:
+        return cupy_kernels.window_attention(q, torch.cat([k.sink, k.buf], 2), torch.cat([v.sink, v.buf], 2),
+                                             scaling, backend="cupy")
+    kq, vf = k.key.quantizer, v.value
+    return cupy_kernels.decode_attention(q, k.sink, v.sink, k.codes, kq.lo, kq.span, kq.levels, k.bits,
+                                         v.codes, v.lo, v.span, vf.levels, v.bits, k.buf, v.buf, scaling,
+                                         backend="cupy")
+
+
+def fused_window(layer: HeadSplitLayer, q: torch.Tensor, scaling) -> torch.Tensor:
+    """Streaming heads at a decode step: the sink and the last `recent` tokens (the window rule) → [B, |S|·G, D]."""
+    import cupy_kernels
+
+    keys = torch.cat([layer.sink_k, layer.recent_k[:, :, -layer.n_recent:]], 2)
+    values = torch.cat([layer.sink_v, layer.recent_v[:, :, -layer.n_recent:]], 2)
+    return cupy_kernels.window_attention(q, keys, values, scaling, backend="cupy")
 
 
 def _q_index(kv_heads: torch.Tensor, group: int) -> torch.Tensor:

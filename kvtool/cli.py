@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -30,7 +31,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except KvtoolError as exc:
-        err.print(f"[bold red]Error:[/] {exc}", soft_wrap=True)
+        err.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[bold red]Error:[/] interrupted")
@@ -40,7 +41,7 @@ def main() -> None:
     except Exception as exc:  # usage errors: typer vendors its own click, so match by shape, not by class
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             if exc.format_message().strip():   # empty after `kvtool` alone, which has printed the help
-                err.print(f"[bold red]Error:[/] {exc.format_message()}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {escape(exc.format_message())}", soft_wrap=True)
             sys.exit(exc.exit_code or 2)
         if type(exc).__name__ == "Abort":
             sys.exit(1)

@@ -26,7 +26,7 @@ def shipped_profile(model: Optional[str]) -> Path | None:
     return path if path.is_file() else None
 
 
-def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profile: bool):
+def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profile: bool, device: str = "cpu"):
     from kvtool.models import load_model
     from kvtool.profile import Profile
 
@@ -36,7 +36,7 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
                           "`kvtool profile MODEL -o model.kv.st` (and `kvtool calibrate`)")
     _quiet_libraries()
     with err.status("Loading model"):
-        mdl, tok = load_model(model, dtype=dtype)
+        mdl, tok = load_model(model, dtype=dtype, device=device)
         prof = Profile.load(path, model=mdl) if path is not None else None
     if path is not None and profile is None:
         err.print(f"Using the shipped profile {path.name}")
@@ -53,7 +53,7 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
     raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
 
 
-def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int) -> list:
+def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str) -> list:
     from kvtool.evaluate import run_nll, run_passkey
 
     results = []
@@ -62,9 +62,9 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int)
         for spec in specs:
             bar.update(job, info=spec)
             if task == "passkey":
-                results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk))
+                results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
             else:
-                results.append(run_nll(mdl, samples, spec, prof, chunk=chunk))
+                results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend))
             bar.advance(job)
     return results
 
@@ -102,6 +102,8 @@ def run(
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto (cupy on CUDA when CuPy works), torch or cupy."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Run the model with a compressed KV cache: generate from a prompt, or compare with the full cache on a task."""
@@ -115,16 +117,17 @@ def run(
         raise KvtoolError(f"no such prompt file: {prompt_file}")
     if policy is not None:
         Policy.parse(policy, default_method="duo")                     # malformed: fail before loading anything
-    mdl, tok, prof = _load(model, profile, dtype, need_profile=False)
+    _check_backend(backend, device)
+    mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
         lens = _int_list(lengths, "--lengths")
         data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
-        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk)
+        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend)
         _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
         return
     text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8", errors="replace")
-    result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat)
+    result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -134,7 +137,8 @@ def run(
               f"({result['full16_bytes'] / 2**20:.3f} MiB); {result['decode_tok_s']:.1f} tokens/s")
 
 
-def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, chat: bool = True) -> dict:
+def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, chat: bool = True,
+             backend: str = "auto") -> dict:
     """Generate from `text` with a CompressedCache; the text and the cache's bytes."""
     import time
 
@@ -147,7 +151,7 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(text, return_tensors="pt")["input_ids"]
-    cache = CompressedCache(model, profile, policy)
+    cache = CompressedCache(model, profile, policy, backend=backend)
     start = time.perf_counter()
     with torch.inference_mode():
         outp = model.generate(ids.to(next(model.parameters()).device), past_key_values=cache, do_sample=False,
@@ -159,6 +163,20 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
             "new_tokens": int(new.numel()), "tokens_seen": cache.get_seq_length(), "kv_bytes": cache.nbytes(),
             "full16_bytes": full16, "x_smaller_than_16bit": full16 / max(cache.nbytes(), 1),
             "decode_tok_s": new.numel() / seconds, "seconds": round(seconds, 2)}
+
+
+def _check_backend(backend: str, device: str) -> None:
+    """Refuse an impossible --backend / --device before loading anything."""
+    import cupy_kernels
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise KvtoolError(f"--device {device!r}: give cpu or cuda")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KvtoolError(f"--device {device}: torch sees no CUDA GPU here")
+    cupy_kernels.select_backend(backend, device)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -186,6 +204,8 @@ def bench(
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto, torch or cupy."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory vs accuracy / NLL to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -201,10 +221,11 @@ def bench(
         Policy.parse(p, default_method="duo")
     if plot is not None:
         _writable_target(plot)
-    mdl, tok, prof = _load(model, profile, dtype, need_profile=False)
+    _check_backend(backend, device)
+    mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     lens = _int_list(lengths, "--lengths")
     data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
-    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk)
+    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

@@ -127,7 +127,7 @@ def _device(model):
 
 
 @torch.inference_mode()
-def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512) -> TaskResult:
+def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto") -> TaskResult:
     """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens."""
     from kvtool.baselines import make_cache
 
@@ -135,7 +135,7 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
     hits, pre, dec = [], Timer(), Timer()
     n_pre = n_dec = 0
     start = time.perf_counter()
-    handle = make_cache(model, profile, spec)
+    handle = make_cache(model, profile, spec, backend)
     dev = _device(model)
     for prompt, answer in samples:
         cache = handle.fresh()
@@ -161,7 +161,8 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
 
 
 @torch.inference_mode()
-def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_steps: int = 16) -> TaskResult:
+def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_steps: int = 16,
+            backend: str = "auto") -> TaskResult:
     """Compress each context (chunked prefill), then teacher-force the continuation in one forward through the cache;
     NLL = mean cross-entropy of every continuation token (the first predicted from the context's last position).
     Bytes are read after the context and the continuation are in the cache. Decode speed: `decode_steps` greedy
@@ -172,7 +173,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
     pre, dec = Timer(), Timer()
     n_pre = n_dec = 0
     start = time.perf_counter()
-    handle = make_cache(model, profile, spec)
+    handle = make_cache(model, profile, spec, backend)
     dev = _device(model)
     for context, cont in samples:
         cache = handle.fresh()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cupy_kernels
 from kvtool import quant
 
 
@@ -82,8 +83,8 @@ class TokenStore:
     is at position i)."""
 
     def __init__(self, bits: int, sink: int, buffer: int, dtype: torch.dtype,
-                 key: KeyFormat | None = None, value: ValueFormat | None = None):
-        self.bits, self.n_sink, self.n_buffer, self.dtype = bits, sink, buffer, dtype
+                 key: KeyFormat | None = None, value: ValueFormat | None = None, backend: str = "torch"):
+        self.bits, self.n_sink, self.n_buffer, self.dtype, self.backend = bits, sink, buffer, dtype, backend
         self.key, self.value = key, value
         self.sink = self.buf = None                 # [B, R, s, D], [B, R, b, D] in `dtype`
         self.codes = None                           # [B, R, T_q, D·bits/8] uint8
@@ -117,7 +118,7 @@ class TokenStore:
         if self.key is not None:
             q = self.key.quantizer
             src = self.key.rope.unrotate(x, start) if self.key.rope is not None else x.float()
-            codes = q.quantize(src)
+            codes = cupy_kernels.quantize_keys(src, q.lo, q.span, q.levels, q.bits, backend=self.backend)
             if self.key.outliers:
                 t = q.normalise(src)
                 hit = ((t < 0) | (t > 1)).permute(2, 0, 1, 3).reshape(-1)     # token-major [n·B·R·D]
@@ -129,7 +130,7 @@ class TokenStore:
             self.codes = _cat2(self.codes, codes)
         else:
             f = self.value
-            codes, lo, span = quant.quantize_tokens(x, f.bits, f.group, f.levels)
+            codes, lo, span = cupy_kernels.quantize_values(x, f.levels, f.bits, f.group, backend=self.backend)
             self.codes, self.lo, self.span = _cat2(self.codes, codes), _cat2(self.lo, lo), _cat2(self.span, span)
         self.n_body += x.shape[2]
 

@@ -174,3 +174,14 @@ def test_quantization_needs_a_profile_and_matching_codebooks(tiny_with_profile):
         CompressedCache(model, prof, "k=4,codebook=kmeans")
     with pytest.raises(KvtoolError, match="vgroup=5 does not divide"):
         CompressedCache(model, prof, "v=4,vgroup=5")
+
+
+def test_cupy_backend_is_refused_clearly_without_a_gpu(tiny_with_profile):
+    import cupy_kernels
+
+    model, prof = tiny_with_profile
+    if cupy_kernels.available():
+        pytest.skip("a CUDA GPU with CuPy is present")
+    with pytest.raises(KvtoolError, match="backend 'cupy' needs CuPy"):
+        CompressedCache(model, prof, "k=4,v=4", backend="cupy")
+    assert CompressedCache(model, prof, "k=4,v=4", backend="auto").backend == "torch"
