@@ -47,6 +47,32 @@ class CacheHandle:
         return 2 * layers * heads * self.tokens(cache) * dim * 2
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a malformed or unavailable spec before any model work (one-line KvtoolError)."""
+    from kvtool.policy import Policy
+
+    spec = spec.strip()
+    if spec == "full":
+        return
+    if spec.startswith("quanto:"):
+        if spec.split(":", 1)[1] not in ("2", "4"):
+            raise KvtoolError(f"baseline {spec!r}: quanto supports 2 or 4 bits")
+        try:
+            import optimum.quanto  # noqa: F401
+        except Exception:
+            raise KvtoolError("baseline quanto needs optimum-quanto (pip install optimum-quanto)") from None
+    elif spec.startswith("streaming:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]) or int(parts[2]) < 1:
+            raise KvtoolError(f"baseline {spec!r}: write streaming:<sink>:<recent>, e.g. streaming:4:1020")
+    elif spec.startswith("press:"):
+        from kvtool.press import press_handle
+
+        press_handle(None, spec, None)
+    else:
+        Policy.parse(spec, default_method="duo")
+
+
 def make_cache(model, profile, spec: str, backend: str = "auto") -> CacheHandle:
     from kvtool.trace import Dims
 

@@ -53,7 +53,8 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
     raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
 
 
-def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str) -> list:
+def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
+               decode_steps: int = 16) -> list:
     from kvtool.evaluate import run_nll, run_passkey
 
     results = []
@@ -64,7 +65,8 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
             if task == "passkey":
                 results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
             else:
-                results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend))
+                results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
+                                       decode_steps=decode_steps))
             bar.advance(job)
     return results
 
@@ -202,6 +204,8 @@ def bench(
     context: int = typer.Option(2048, "--context", help="nll: context tokens."),
     continuation: int = typer.Option(128, "--continuation", help="nll: scored continuation tokens."),
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
+    decode_steps: int = typer.Option(16, "--decode-steps", help="nll: greedy decode steps timed after each context."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -210,22 +214,28 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Sweep policies and baselines on the same inputs: accuracy or NLL against KV bytes, speed; table and plot."""
-    from kvtool.policy import Policy
-
     if task not in ("passkey", "nll"):
         raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
     pols = [p.strip() for p in (policies.split(";") if policies else DEFAULT_BENCH_POLICIES) if p.strip()]
     base = [] if baselines == "none" else \
         [b.strip() for b in (baselines.split(";") if baselines else DEFAULT_BASELINES) if b.strip()]
-    for p in pols:
-        Policy.parse(p, default_method="duo")
+    from kvtool.baselines import check_spec
+
+    for spec in base + pols:
+        check_spec(spec)
     if plot is not None:
         _writable_target(plot)
+        if plot.suffix.lower() != ".png":
+            raise KvtoolError(f"--plot {plot}: give a .png file name")
     _check_backend(backend, device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     lens = _int_list(lengths, "--lengths")
     data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
-    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend)
+    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

@@ -1,0 +1,89 @@
+"""`kvtool run` and `kvtool bench` on a tiny model saved to disk: generate, side-by-side tasks, the plot, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtool.models import load_model
+from test_cli import FAST, _save_tiny, assert_one_line_error, run
+
+
+@pytest.fixture(scope="module")
+def tiny_with_profile(tmp_path_factory):
+    tok = load_model()[1]
+    path = _save_tiny(tmp_path_factory.mktemp("tiny-run"), tok)
+    prof = path / "tiny.kv.st"
+    import sys
+
+    argv, sys.argv = sys.argv, ["kvtool", "profile", str(path), *FAST, "-o", str(prof)]
+    try:
+        from kvtool.cli import main
+
+        main()
+    except SystemExit as exc:
+        assert not exc.code
+    finally:
+        sys.argv = argv
+    return path, prof
+
+
+def test_run_prompt_prints_text_and_bytes(capsys, tiny_with_profile):
+    model, prof = tiny_with_profile
+    code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=0.5,k=4,v=4,sink=2,buffer=4",
+                         "--prompt", "Hello there", "--max-new-tokens", "5", "--no-chat", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["new_tokens"] == 5 and result["tokens_seen"] == result["prompt_tokens"] + 4
+    assert 0 < result["kv_bytes"] and result["full16_bytes"] > 0
+
+
+def test_run_task_nll_is_side_by_side(capsys, tiny_with_profile):
+    model, prof = tiny_with_profile
+    code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=none,sink=4,recent=16",
+                         "--task", "nll", "--samples", "2", "--context", "96", "--continuation", "16", "--json")
+    assert code == 0, err
+    full, ours = json.loads(out)
+    assert full["cache"] == "full" and ours["cache"] == "heads=none,sink=4,recent=16"
+    assert full["x_smaller_than_16bit"] == 1.0 and ours["x_smaller_than_16bit"] > 3
+    assert full["nll"] > 0 and ours["nll"] > 0 and ours["prefill_tok_s"] > 0 and ours["decode_tok_s"] > 0
+
+
+def test_bench_passkey_table_and_plot(capsys, tiny_with_profile, tmp_path):
+    model, prof = tiny_with_profile
+    png = tmp_path / "bench.png"
+    code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "passkey", "--lengths", "96",
+                         "--depths", "2", "--policies", "heads=all,k=4,v=4,buffer=8;heads=0.5",
+                         "--baselines", "streaming:4:16", "--plot", png, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["cache"] for r in rows] == ["full", "streaming:4:16", "heads=all,k=4,v=4,buffer=8", "heads=0.5"]
+    assert all(r["accuracy"].endswith("/2") for r in rows)
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--prompt", "hi", "--task", "nll"], "exactly one of"),
+    (["run", "--task", "nll", "--policy", "heads=all,k=5"], "'k': 5 bits"),
+    (["run", "--task", "summarise"], "unknown task"),
+    (["run", "--prompt-file", "/no/such/file.txt"], "no such prompt file"),
+    (["run", "--task", "nll", "--backend", "cupy"], "backend 'cupy'"),
+    (["bench", "--task", "nll", "--baselines", "press:snapkv:0.5", "--policies", "heads=all"], "kvpress"),
+    (["bench", "--task", "nll", "--baselines", "streaming:4", "--policies", "heads=all"], "streaming:<sink>:<recent>"),
+    (["bench", "--lengths", "10,x"], "--lengths"),
+])
+def test_run_and_bench_bad_input(capsys, tiny_with_profile, tmp_path, args, needle):
+    model, prof = tiny_with_profile
+    extra = ["--samples", "1", "--context", "64", "--continuation", "8"] if "nll" in args else []
+    code, _, err = run(capsys, *args[:1], model, "--profile", prof, *args[1:], *extra)
+    assert_one_line_error(code, err, needle)
+
+
+def test_bench_plot_must_be_png(capsys, tiny_with_profile, tmp_path):
+    model, prof = tiny_with_profile
+    code, _, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--samples", "1", "--context", "64",
+                       "--continuation", "8", "--policies", "heads=all", "--baselines", "none",
+                       "--plot", tmp_path / "plot.svg")
+    assert_one_line_error(code, err, ".png")
+    assert not (tmp_path / "plot.svg").exists()
