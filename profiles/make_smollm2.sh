@@ -6,3 +6,4 @@ kvtool profile --no-stats -o "$out"                         # trace: 8 passkey s
 kvtool calibrate --method razor --profile "$out"            # echo/induction probe, 2047 tokens x 4
 kvtool calibrate --method retrieval --profile "$out"        # copy score from the trace above
 kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "${TMPDIR:-/tmp}/smollm2-duo.ckpt"
+kvtool calibrate --method kvquant --profile "$out"          # k-means quantization levels (2/3/4 bit), ~1 min
