@@ -242,7 +242,7 @@ def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     group = hq // (len(layer.ret) + len(layer.stream))
     out = query.new_empty(b, t, hq, d)
     pos = torch.arange(layer.seen - t, layer.seen, device=query.device)     # absolute positions of the queries
-    fused = t == 1 and layer.backend == "cupy"                                 # decode step on the CuPy kernels
+    fused = t == 1 and layer.backend == "cupy" and fused_shapes_ok(layer, d)   # decode step on the CuPy kernels
     if len(layer.ret):
         idx = _q_index(layer.ret, group)                                        # [|R|·G] query heads
         if fused and fused_retrieval_ok(layer):
@@ -261,6 +261,14 @@ def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             out[:, :, idx] = _sdpa(query[:, idx], keys, values, allowed, scaling, group)
     layer.trim()
     return out, None
+
+
+def fused_shapes_ok(layer: HeadSplitLayer, head_dim: int) -> bool:
+    """What the CuPy kernels accept (cupy_kernels/kernels.py): head_dim 32/64/128/256, 16-bit stores, value groups a
+    power of two in 8..256. Anything else stays on the torch path."""
+    group = layer.value_format.group if layer.value_format is not None else 32
+    return (head_dim in (32, 64, 128, 256) and layer.sink_k.dtype in (torch.float16, torch.bfloat16)
+            and 8 <= group <= 256 and group & (group - 1) == 0)
 
 
 def fused_retrieval_ok(layer: HeadSplitLayer) -> bool:
