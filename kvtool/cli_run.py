@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
@@ -167,6 +168,13 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
             "decode_tok_s": new.numel() / seconds, "seconds": round(seconds, 2)}
 
 
+def _has_quanto() -> bool:
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _check_backend(backend: str, device: str) -> None:
     """Refuse an impossible --backend / --device before loading anything."""
     import cupy_kernels
@@ -219,6 +227,9 @@ def bench(
     pols = [p.strip() for p in (policies.split(";") if policies else DEFAULT_BENCH_POLICIES) if p.strip()]
     base = [] if baselines == "none" else \
         [b.strip() for b in (baselines.split(";") if baselines else DEFAULT_BASELINES) if b.strip()]
+    if baselines is None and not _has_quanto():
+        base = [b for b in base if not b.startswith("quanto:")]
+        err.print("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); skipping the quanto baselines")
     from kvtool.baselines import check_spec
 
     for spec in base + pols:
