@@ -335,8 +335,8 @@ def use_kvtool_attention(model) -> None:
 
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, cache: CompressedCache, chunk: int = 512) -> torch.Tensor:
-    """Run a long prompt through the model in chunks, so the full 16-bit cache never exists; returns the last
-    position's logits [B, V]."""
+    """Run a prompt [B, T] through the model in chunks (with a CompressedCache the full 16-bit cache never exists at
+    once; any other cache works too); returns the last position's logits [B, V]."""
     logits = None
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start:start + chunk]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvtool.cache import prefill
 from kvtool.data import numeric_passkey_prompts, passkey_samples
 from kvtool.errors import KvtoolError
 
@@ -111,17 +112,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def chunked_prefill(model, ids: torch.Tensor, cache, chunk: int = 512) -> torch.Tensor:
-    """Run a prompt [B, T] through the model in chunks (the full 16-bit cache never exists at once with a
-    CompressedCache); returns the last position's logits [B, V]."""
-    logits = None
-    for start in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
-    return logits
-
-
 def _device(model):
     return next(model.parameters()).device
 
@@ -140,7 +130,7 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
     for prompt, answer in samples:
         cache = handle.fresh()
         with pre:
-            logits = chunked_prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
+            logits = prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
         n_pre += prompt.numel()
         got = []
         steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
@@ -178,7 +168,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
     for context, cont in samples:
         cache = handle.fresh()
         with pre:
-            last = chunked_prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
+            last = prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
         n_pre += context.numel()
         cont = cont.to(dev)
         logits = model(input_ids=cont[:-1].view(1, -1), past_key_values=cache, use_cache=True).logits[0]

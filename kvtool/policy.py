@@ -135,21 +135,22 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _clip(value: str) -> float:
+def _number(key: str, text: str) -> float:
     try:
-        x = float(value)
+        return float(text)
     except ValueError:
-        raise KvtoolError(f"policy field 'kclip': {value!r} is not a number") from None
+        raise KvtoolError(f"policy field {key!r}: {text!r} is not a number") from None
+
+
+def _clip(value: str) -> float:
+    x = _number("kclip", value)
     if x not in CLIP_LEVELS:
         raise KvtoolError(f"policy field 'kclip': {value} is not a calibrated level ({', '.join(map(str, CLIP_LEVELS))})")
     return x
 
 
 def _fraction(text: str) -> float:
-    try:
-        f = float(text)
-    except ValueError:
-        raise KvtoolError(f"policy field 'heads': fraction {text!r} is not a number") from None
+    f = _number("heads", text)
     if not 0.0 <= f <= 1.0:
         raise KvtoolError(f"policy field 'heads': fraction {f} is outside [0, 1]")
     return f
