@@ -161,7 +161,9 @@ class Profile:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                # copies: safetensors maps the file, and a tensor that still pointed into it would change under a
+                # running program whenever the file is rewritten in place (cp, an editor)
+                tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad headers and short files
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None

@@ -120,3 +120,22 @@ def test_fingerprint_survives_save_and_reload(model, tmp_path):
     with torch.no_grad():
         again.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     assert model_fingerprint(again) != model_fingerprint(model)
+
+
+def test_loaded_profile_survives_the_file_being_rewritten_in_place(prof, tmp_path):
+    """A loaded profile owns its tensors: overwriting the file in place (same inode, as `cp` does) must not change
+    them. (safetensors maps the file; tensors still pointing into the map changed under a running benchmark.)"""
+    import shutil
+
+    a, b = tmp_path / "a.kv.st", tmp_path / "b.kv.st"
+    prof.save(a)
+    other = Profile(dict(prof.tensors), prof.model, prof.calibration, prof.policy)
+    other.tensors = {("aaa." + k if k.startswith("heads.") else k): v + 1 if v.is_floating_point() else v
+                     for k, v in prof.tensors.items()}
+    other.save(b)
+    loaded = Profile.load(a)
+    before = {k: v.clone() for k, v in loaded.tensors.items()}
+    with open(b, "rb") as src, open(a, "r+b") as dst:                   # rewrite a in place, keeping its inode
+        shutil.copyfileobj(src, dst)
+        dst.truncate()
+    assert all(torch.equal(loaded[k], v) for k, v in before.items())
