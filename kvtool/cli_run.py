@@ -13,8 +13,8 @@ from kvtool.cli import _progress, _quiet_libraries, _table, _writable_target, ap
 from kvtool.errors import KvtoolError
 
 SHIPPED = {None: "smollm2-135m-instruct.kv.st"}     # model argument -> shipped profile file in profiles/
-DEFAULT_BENCH_POLICIES = ["heads=duo:0.5", "heads=all,k=4,v=4", "heads=duo:0.5,k=4,v=4",
-                          "heads=duo:0.25,k=4,v=4,sink=16,recent=128", "heads=duo:0.25,k=2,v=2,sink=16,recent=128"]
+DEFAULT_BENCH_POLICIES = ["heads=0.5", "heads=all,k=4,v=4", "heads=0.5,k=4,v=4,krope=pre",    # heads=<f>: the
+                          "heads=0.25,k=4,v=3,sink=16,recent=128,krope=pre,buffer=64"]        # profile's own method
 DEFAULT_BASELINES = ["quanto:4", "quanto:2", "streaming:4:252"]
 
 
