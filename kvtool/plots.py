@@ -1,5 +1,6 @@
-"""Memory-vs-quality plot for `kvtool bench`: one point per cache, KV bytes (relative to a 16-bit full cache) on x,
-passkey accuracy or continuation NLL on y; kvtool policies and baselines in different markers."""
+"""Memory-vs-quality plot for `kvtool bench`: one numbered point per cache, KV bytes (relative to a 16-bit full
+cache) on x, passkey accuracy or continuation NLL on y; kvtool policies and baselines in different markers, the
+numbers explained under the axes. NLL points far above the full cache are drawn at the top edge with their value."""
 
 from __future__ import annotations
 
@@ -15,14 +16,23 @@ def memory_vs_quality(results, path: str | Path, task: str) -> Path:
 
     from kvtool.inspect import _save_figure
 
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    points = []
     for r in results:
-        x = 1.0 / r.ratio                                            # fraction of a 16-bit full cache
         y = r.correct / max(r.samples, 1) if task == "passkey" else r.nll
         kind = "full" if r.spec == "full" else "baseline" if ":" in r.spec.split("=")[0] else "kvtool"
-        style = {"full": ("k", "*", 160), "baseline": ("tab:orange", "s", 60), "kvtool": ("tab:blue", "o", 60)}[kind]
-        ax.scatter([x], [y], c=style[0], marker=style[1], s=style[2], label=kind, zorder=3)
-        ax.annotate(r.spec, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        points.append((1.0 / r.ratio, y, kind, r.spec))
+    full = next((p[1] for p in points if p[2] == "full"), None)
+    top = None
+    if task == "nll" and full is not None:
+        top = max([p[1] for p in points if p[1] <= 1.25 * full] + [full]) * 1.01
+    fig, ax = plt.subplots(figsize=(9, 5.2 + 0.22 * len(points)))
+    style = {"full": ("k", "*", 180), "baseline": ("tab:orange", "s", 70), "kvtool": ("tab:blue", "o", 70)}
+    for i, (x, y, kind, spec) in enumerate(points, 1):
+        shown = y if top is None or y <= top else top
+        c, m, s = style[kind]
+        ax.scatter([x], [shown], c=c, marker=m, s=s, label=kind, zorder=3)
+        note = f"{i}" if shown == y else f"{i} (off scale: {y:.2f})"
+        ax.annotate(note, (x, shown), textcoords="offset points", xytext=(5, 5), fontsize=9, fontweight="bold")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), loc="best")
@@ -34,5 +44,7 @@ def memory_vs_quality(results, path: str | Path, task: str) -> Path:
     n = results[0].samples if results else 0
     ax.set_title(f"kvtool bench --task {task}: {n} samples, same inputs for every cache")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    legend = "\n".join(f"{i}: {spec}" for i, (*_, spec) in enumerate(points, 1))
+    fig.text(0.01, 0.01, legend, fontsize=8, family="monospace", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * len(points) * 5.2 / (5.2 + 0.22 * len(points)), 1, 1))
     return _save_figure(fig, Path(path))
