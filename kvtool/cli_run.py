@@ -135,9 +135,12 @@ def run(
         print(json.dumps(result, indent=2))
         return
     out.print(result["text"])
-    err.print(f"policy {spec}: {result['tokens_seen']} tokens seen; KV cache holds {result['kv_bytes'] / 2**20:.3f} MiB, "
-              f"{result['x_smaller_than_16bit']:.2f}x smaller than a 16-bit full cache "
-              f"({result['full16_bytes'] / 2**20:.3f} MiB); {result['decode_tok_s']:.1f} tokens/s")
+    share = result["kv_bytes"] / max(result["full16_bytes"], 1)
+    err.print(f"policy {spec}: {result['tokens_seen']} tokens seen; the KV cache holds {result['kv_bytes'] / 2**20:.3f} MiB "
+              f"= {100 * share:.0f}% of a 16-bit full cache ({result['full16_bytes'] / 2**20:.3f} MiB); "
+              f"{result['decode_tok_s']:.1f} tokens/s")
+    if share >= 1:
+        err.print("(short prompts fit in the 16-bit sink and buffer; the savings start past sink + buffer tokens)")
 
 
 def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, chat: bool = True,
