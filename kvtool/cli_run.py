@@ -14,7 +14,7 @@ from kvtool.errors import KvtoolError
 
 SHIPPED = {None: "smollm2-135m-instruct.kv.st"}     # model argument -> shipped profile file in profiles/
 DEFAULT_BENCH_POLICIES = ["heads=0.5", "heads=all,k=4,v=4", "heads=0.5,k=4,v=4,krope=pre",    # heads=<f>: the
-                          "heads=0.25,k=4,v=3,sink=16,recent=128,krope=pre,buffer=64"]        # profile's own method
+                          "heads=0.125,k=4,v=3,sink=4,recent=224,krope=pre,buffer=32"]        # profile's own method
 DEFAULT_BASELINES = ["quanto:4", "quanto:2", "streaming:4:252"]
 
 
