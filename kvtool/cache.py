@@ -121,24 +121,23 @@ class HeadSplitLayer(CacheLayerMixin):
 
     def retrieval_kv(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the retrieval heads for every token seen, [B, |R|, seen, D]; the newest tokens exact."""
-        k, v = self.k_store.read(dtype), self.v_store.read(dtype)
-        if self.new is not None:
-            t = self.new[0].shape[2]
-            k[:, :, -t:] = self.new[0][:, self.ret].to(dtype)
-            v[:, :, -t:] = self.new[1][:, self.ret].to(dtype)
-        return k, v
+        return self._exact_tail(self.k_store.read(dtype), self.v_store.read(dtype), self.ret)
 
     def streaming_kv(self, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values [B, |S|, n, D] the streaming heads hold and their positions [n]; the newest tokens exact."""
-        k = torch.cat([self.sink_k, self.recent_k], 2).to(dtype)
-        v = torch.cat([self.sink_v, self.recent_v], 2).to(dtype)
-        if self.new is not None:
-            t = self.new[0].shape[2]
-            k[:, :, -t:] = self.new[0][:, self.stream].to(dtype)
-            v[:, :, -t:] = self.new[1][:, self.stream].to(dtype)
+        k, v = self._exact_tail(torch.cat([self.sink_k, self.recent_k], 2).to(dtype),
+                                torch.cat([self.sink_v, self.recent_v], 2).to(dtype), self.stream)
         n_sink, n_rec = self.sink_k.shape[2], self.recent_k.shape[2]
         pos = torch.cat([torch.arange(n_sink), torch.arange(self.seen - n_rec, self.seen)]).to(k.device)
         return k, v, pos
+
+    def _exact_tail(self, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor):
+        """Overwrite the last t stored tokens (this call's new ones) of k, v [B, h, n, D] with their exact states."""
+        if self.new is not None:
+            t = self.new[0].shape[2]
+            k[:, :, -t:] = self.new[0][:, heads].to(k.dtype)
+            v[:, :, -t:] = self.new[1][:, heads].to(v.dtype)
+        return k, v
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds for the tokens seen (not the exact copy of the newest chunk, which lives only

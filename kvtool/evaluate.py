@@ -107,6 +107,26 @@ class Timer:
         self.seconds += time.perf_counter() - self._t
 
 
+class Meter:
+    """What both tasks measure per cache: prefill and decode time and token counts, bytes held vs a 16-bit full
+    cache (summed over samples, reported as means)."""
+
+    def __init__(self, handle):
+        self.handle, self.pre, self.dec = handle, Timer(), Timer()
+        self.n_pre = self.n_dec = 0
+        self.kv = self.full = 0.0
+        self.start = time.perf_counter()
+
+    def held(self, cache) -> None:
+        self.kv += self.handle.nbytes(cache)
+        self.full += self.handle.full16(cache)
+
+    def result(self, spec: str, task: str, samples: int, **extra) -> TaskResult:
+        n = max(samples, 1)
+        return TaskResult(spec, task, samples, self.kv / n, self.full / n, self.n_pre / max(self.pre.seconds, 1e-9),
+                          self.n_dec / max(self.dec.seconds, 1e-9), time.perf_counter() - self.start, **extra)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -121,17 +141,14 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
     """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens."""
     from kvtool.baselines import make_cache
 
-    kv = full = 0.0
-    hits, pre, dec = [], Timer(), Timer()
-    n_pre = n_dec = 0
-    start = time.perf_counter()
-    handle = make_cache(model, profile, spec, backend)
+    m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
+    hits = []
     for prompt, answer in samples:
-        cache = handle.fresh()
-        with pre:
+        cache = m.handle.fresh()
+        with m.pre:
             logits = prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
-        n_pre += prompt.numel()
+        m.n_pre += prompt.numel()
         got = []
         steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
         for i in range(steps):
@@ -139,15 +156,12 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
             got.append(int(token))
             if i + 1 == steps:
                 break
-            with dec:
+            with m.dec:
                 logits = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-            n_dec += 1
+            m.n_dec += 1
         hits.append(answer in tokenizer.decode(got))
-        kv += handle.nbytes(cache)
-        full += handle.full16(cache)
-    n = max(len(samples), 1)
-    return TaskResult(spec, "passkey", len(samples), kv / n, full / n, n_pre / max(pre.seconds, 1e-9),
-                      n_dec / max(dec.seconds, 1e-9), time.perf_counter() - start, correct=sum(hits), hits=hits)
+        m.held(cache)
+    return m.result(spec, "passkey", len(samples), correct=sum(hits), hits=hits)
 
 
 @torch.inference_mode()
@@ -159,37 +173,26 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
     single-token steps after that."""
     from kvtool.baselines import make_cache
 
-    total_nll, total_tok, kv, full = 0.0, 0, 0.0, 0.0
-    pre, dec = Timer(), Timer()
-    n_pre = n_dec = 0
-    start = time.perf_counter()
-    handle = make_cache(model, profile, spec, backend)
+    total_nll, total_tok = 0.0, 0
+    m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
     for context, cont in samples:
-        cache = handle.fresh()
-        with pre:
+        cache = m.handle.fresh()
+        with m.pre:
             last = prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
-        n_pre += context.numel()
+        m.n_pre += context.numel()
         cont = cont.to(dev)
         logits = model(input_ids=cont[:-1].view(1, -1), past_key_values=cache, use_cache=True).logits[0]
         logits = torch.cat([last, logits], 0).float()                                       # [N, V]
         total_nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
         total_tok += cont.numel()
-        kv += handle.nbytes(cache)
-        full += handle.full16(cache)
+        m.held(cache)
         token = logits[-1].argmax().view(1, 1)
         for _ in range(decode_steps):
-            with dec:
+            with m.dec:
                 token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            n_dec += 1
-    n = max(len(samples), 1)
-    return TaskResult(spec, "nll", len(samples), kv / n, full / n, n_pre / max(pre.seconds, 1e-9),
-                      n_dec / max(dec.seconds, 1e-9), time.perf_counter() - start, nll=total_nll / max(total_tok, 1))
-
-
-def passkey_accuracy(model, tokenizer, samples, policy: str, profile=None, chunk: int = 512):
-    """Passkey under one spec (kept for benchmarks/passkey_heads.py); see run_passkey."""
-    return run_passkey(model, tokenizer, samples, policy, profile, chunk)
+            m.n_dec += 1
+    return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1))
 
 
 def default_depths(n: int) -> np.ndarray:

@@ -78,10 +78,6 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.to(torch.uint8).reshape(*packed.shape[:-1], n * 8)
 
 
-def packed_width(d: int, bits: int) -> int:
-    return d * bits // 8
-
-
 @dataclass
 class ChannelQuantizer:
     """Keys: static per-channel ranges for one layer (KVQuant). lo, span: [H, D] float32; levels: [2^b] or [H, 2^b].
@@ -143,12 +139,6 @@ def dequantize_tokens(packed: torch.Tensor, lo: torch.Tensor, span: torch.Tensor
     group = d // lo.shape[-1]
     x = lo.float().unsqueeze(-1) + t.reshape(b, h, n, d // group, group) * span.float().unsqueeze(-1)
     return x.reshape(b, h, n, d).to(dtype)
-
-
-def max_step(bits: int, levels: torch.Tensor | None = None) -> float:
-    """Largest gap between adjacent levels (normalised units): the worst-case rounding error is half of it."""
-    lv = uniform_levels(bits) if levels is None else levels
-    return float((lv[..., 1:] - lv[..., :-1]).max())
 
 
 def key_range(profile, rope: str = "post", clip: float = 0.999) -> tuple[torch.Tensor, torch.Tensor]:
