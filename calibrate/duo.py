@@ -46,6 +46,7 @@ PRESETS = {
 
 
 _RUN_CONTROL = ("checkpoint", "resume", "stop_after")   # how a run is driven, not what it computes
+_CHECKPOINT_FORMAT = "2"                                # 1 was a torch.save pickle; never read
 
 
 @register("duo")
@@ -89,6 +90,18 @@ class Duo:
             raise KvtoolError("duo steps, lengths, passkeys and words must be at least 1")
         if self.resume and not self.checkpoint:
             raise KvtoolError("--resume needs --checkpoint PATH")
+        if self.checkpoint:
+            self._check_checkpoint_path()
+
+    def _check_checkpoint_path(self) -> None:
+        """A checkpoint path that cannot be written fails now, not after the first `checkpoint_every` steps."""
+        import os
+
+        path = os.path.abspath(self.checkpoint)
+        if os.path.isdir(path):
+            raise KvtoolError(f"--checkpoint {self.checkpoint} is a directory; give a file name")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise KvtoolError(f"--checkpoint {self.checkpoint}: directory {os.path.dirname(path)} does not exist")
 
     # -- schedule and data ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -187,28 +200,88 @@ class Duo:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL + ("checkpoint_every",)}
 
     def _save(self, gates, opt, step: int, history: list) -> None:
-        from kvtool.fileio import atomic_write
+        """A safetensors file (no pickle): gates, AdamW's per-gate state and the loss history as tensors; step and
+        settings as JSON metadata. Written atomically."""
+        import json
 
-        blob = {"step": step, "gates": gates.detach().clone(), "optimizer": opt.state_dict(), "history": history,
-                "config": self._fingerprint()}
-        atomic_write(self.checkpoint, lambda tmp: torch.save(blob, tmp))
+        from safetensors.torch import save
+
+        from kvtool.fileio import atomic_write, write_bytes
+
+        state = opt.state_dict()["state"].get(0, {})
+        tensors = {"gates": gates.detach().clone().contiguous(),
+                   "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2)}
+        for key, value in state.items():
+            tensors[f"optimizer.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        meta = {"kvtool.duo_checkpoint": _CHECKPOINT_FORMAT, "step": json.dumps(step),
+                "config": json.dumps(self._fingerprint())}
+        atomic_write(self.checkpoint, write_bytes(save(tensors, metadata=meta)))
 
     def _load(self, gates, opt) -> tuple[int, list]:
+        """Read and validate a checkpoint written by `_save`. Never unpickles anything: a file that is not a
+        safetensors duo checkpoint with every field present and of the right type, shape and range is refused."""
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        path = self.checkpoint
+        where = f"checkpoint {path}"
+        if not os.path.exists(path):
+            raise KvtoolError(f"{where} does not exist")
+        if not os.path.isfile(path):
+            raise KvtoolError(f"{where} is not a file")
         try:
-            blob = torch.load(self.checkpoint, weights_only=False)
-        except FileNotFoundError:
-            raise KvtoolError(f"checkpoint {self.checkpoint} does not exist") from None
-        except Exception as exc:
-            raise KvtoolError(f"checkpoint {self.checkpoint} is not readable: {type(exc).__name__}") from None
-        if blob.get("config") != self._fingerprint():
-            raise KvtoolError(f"checkpoint {self.checkpoint} was made with other duo settings; "
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
+        except Exception:
+            raise KvtoolError(f"{where} is not a kvtool duo checkpoint (a safetensors file; checkpoints of older "
+                              "kvtool versions, pickles, are not read): start without --resume") from None
+        if meta.get("kvtool.duo_checkpoint") != _CHECKPOINT_FORMAT:
+            raise KvtoolError(f"{where} is not a kvtool duo checkpoint (format {_CHECKPOINT_FORMAT})")
+        try:
+            step = json.loads(meta["step"])
+            config = json.loads(meta["config"])
+        except KeyError as exc:
+            raise KvtoolError(f"{where}: field {exc.args[0]!r} is missing") from None
+        except (ValueError, RecursionError):
+            raise KvtoolError(f"{where}: step or config is not valid JSON") from None
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.steps:
+            raise KvtoolError(f"{where}: step must be an integer in [0, {self.steps}] (got {step!r})")
+        if config != self._fingerprint():
+            raise KvtoolError(f"{where} was made with other duo settings; "
                               "resume with the same options or start without --resume")
-        if blob["gates"].shape != gates.shape:
-            raise KvtoolError(f"checkpoint {self.checkpoint} is for another model (gate shape differs)")
+        expect = {"gates": (tuple(gates.shape), torch.float32), "history": ((step, 2), torch.float64),
+                  "optimizer.step": ((), torch.float32), "optimizer.exp_avg": (tuple(gates.shape), torch.float32),
+                  "optimizer.exp_avg_sq": (tuple(gates.shape), torch.float32)}
+        if step == 0:
+            expect = {k: v for k, v in expect.items() if not k.startswith("optimizer.")}
+        missing = sorted(set(expect) - set(tensors))
+        extra = sorted(set(tensors) - set(expect))
+        if missing or extra:
+            raise KvtoolError(f"{where}: " + (f"tensor {missing[0]!r} is missing" if missing
+                                                else f"unexpected tensor {extra[0]!r}"))
+        for name, (shape, dtype) in expect.items():
+            t = tensors[name]
+            if name == "gates" and tuple(t.shape) != shape:
+                raise KvtoolError(f"{where} is for another model (gate shape {list(t.shape)}, expected {list(shape)})")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise KvtoolError(f"{where}: {name} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, "
+                                  f"expected {str(dtype).replace('torch.', '')} {list(shape)}")
+            if not torch.isfinite(t).all():
+                raise KvtoolError(f"{where}: {name} contains NaN or inf")
+        if ((tensors["gates"] < 0) | (tensors["gates"] > 1)).any():
+            raise KvtoolError(f"{where}: gates must lie in [0, 1]")
+        if step > 0 and (tensors["optimizer.step"].item() != step or (tensors["optimizer.exp_avg_sq"] < 0).any()):
+            raise KvtoolError(f"{where}: the optimizer state does not match step {step}")
         with torch.no_grad():
-            gates.copy_(blob["gates"])
-        opt.load_state_dict(blob["optimizer"])
-        return int(blob["step"]), list(blob["history"])
+            gates.copy_(tensors["gates"])
+        if step > 0:
+            state = opt.state_dict()
+            state["state"] = {0: {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}}
+            opt.load_state_dict(state)
+        return step, tensors["history"].tolist()
 
 
 class _DuoState:

@@ -2,8 +2,10 @@
 # Remake profiles/smollm2-135m-instruct.kv.st exactly as shipped (CPU, ~20 minutes, most of it duo).
 set -euo pipefail
 out="$(dirname "$0")/smollm2-135m-instruct.kv.st"
+work="$(mktemp -d "${TMPDIR:-/tmp}/kvtool-duo.XXXXXXXX")"     # private (0700), unpredictable: holds the duo checkpoint
+trap 'rm -rf "$work"' EXIT
 kvtool profile --no-stats -o "$out"                         # trace: 8 passkey samples x 1024 tokens
 kvtool calibrate --method razor --profile "$out"            # echo/induction probe, 2047 tokens x 4
 kvtool calibrate --method retrieval --profile "$out"        # copy score from the trace above
-kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "${TMPDIR:-/tmp}/smollm2-duo.ckpt"
+kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "$work/duo.ckpt"
 kvtool calibrate --method kvquant --profile "$out"          # k-means quantization levels (2/3/4 bit), ~1 min

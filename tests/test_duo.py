@@ -86,3 +86,75 @@ def test_bad_duo_settings(model, tok, tmp_path):
         Duo(full_branch="both")
     with pytest.raises(KvtoolError, match="unknown duo preset"):
         Duo.from_preset("gpu")
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _edit(src, dst, tensors=None, meta=None, drop=()):
+    """Copy a checkpoint with some tensors/metadata replaced or removed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as fh:
+        m = dict(fh.metadata())
+        t = {k: fh.get_tensor(k) for k in fh.keys()}
+    t.update(tensors or {})
+    m.update(meta or {})
+    for k in drop:
+        t.pop(k, None)
+        m.pop(k, None)
+    save_file(t, str(dst), metadata=m)
+    return str(dst)
+
+
+def test_checkpoint_is_never_unpickled_and_every_field_is_checked(model, tok, tmp_path):
+    good = tmp_path / "good.ckpt"
+    Duo(**SMALL, checkpoint=str(good), stop_after=2).run(model, tok)
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"step": 1, "x": _Payload(str(marker))}, evil)
+    with pytest.raises(KvtoolError, match="not a kvtool duo checkpoint"):
+        Duo(**SMALL, checkpoint=str(evil), resume=True).run(model, tok)
+    assert not marker.exists()                                    # the payload never ran
+    cases = {
+        "negative step": ({"meta": {"step": "-3"}}, "step must be an integer in \\[0, 8\\]"),
+        "step past steps": ({"meta": {"step": "9"}}, "step must be an integer"),
+        "step as string": ({"meta": {"step": '"2"'}}, "step must be an integer"),
+        "step as bool": ({"meta": {"step": "true"}}, "step must be an integer"),
+        "missing step": ({"drop": ["step"]}, "'step' is missing"),
+        "missing config": ({"drop": ["config"]}, "'config' is missing"),
+        "bad JSON": ({"meta": {"config": "{"}}, "not valid JSON"),
+        "no marker": ({"drop": ["kvtool.duo_checkpoint"]}, "not a kvtool duo checkpoint"),
+        "missing gates": ({"drop": ["gates"]}, "'gates' is missing"),
+        "missing optimizer": ({"drop": ["optimizer.exp_avg"]}, "'optimizer.exp_avg' is missing"),
+        "gates of another model": ({"tensors": {"gates": torch.ones(3, 2)}}, "another model"),
+        "gates as int": ({"tensors": {"gates": torch.ones(2, 2, dtype=torch.int64)}}, "gates is int64"),
+        "gates out of range": ({"tensors": {"gates": torch.full((2, 2), 2.0)}}, "must lie in \\[0, 1\\]"),
+        "NaN gates": ({"tensors": {"gates": torch.full((2, 2), float("nan"))}}, "NaN"),
+        "short history": ({"tensors": {"history": torch.zeros(1, 2, dtype=torch.float64)}}, "history is"),
+        "extra tensor": ({"tensors": {"extra": torch.zeros(1)}}, "unexpected tensor 'extra'"),
+        "optimizer step mismatch": ({"tensors": {"optimizer.step": torch.tensor(5.0)}}, "does not match step 2"),
+    }
+    for i, (case, (edit, needle)) in enumerate(cases.items()):
+        path = _edit(good, tmp_path / f"bad{i}.ckpt", **edit)
+        with pytest.raises(KvtoolError, match=needle):
+            Duo(**SMALL, checkpoint=path, resume=True).run(model, tok)
+    for junk in (b"", b"\x00" * 7, b"not a checkpoint at all" * 10):
+        (tmp_path / "junk.ckpt").write_bytes(junk)
+        with pytest.raises(KvtoolError, match="not a kvtool duo checkpoint"):
+            Duo(**SMALL, checkpoint=str(tmp_path / "junk.ckpt"), resume=True).run(model, tok)
+
+
+def test_checkpoint_path_is_checked_before_training(tmp_path):
+    with pytest.raises(KvtoolError, match="is a directory"):
+        Duo(**SMALL, checkpoint=str(tmp_path))
+    with pytest.raises(KvtoolError, match="does not exist"):
+        Duo(**SMALL, checkpoint=str(tmp_path / "no-dir" / "c.ckpt"))
