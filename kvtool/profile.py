@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvtool.errors import KvtoolError
-from kvtool.fileio import atomic_write
+from kvtool.fileio import atomic_write, first_line, write_bytes
 
 FORMAT_VERSION = "1"
 _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
@@ -74,6 +74,111 @@ def model_meta(model, name: str | None = None) -> dict:
     }
 
 
+def _count(record: dict, key: str) -> int:
+    v = record[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(key)
+    return v
+
+
+def _exact_shape(name: str, L: int, H: int, D: int, levels) -> tuple | None:
+    """The full shape of a tensor kvtool writes, where it is fixed by the model record; None for others."""
+    parts = name.split(".")
+    if parts[0] == "heads" and len(parts) == 2 and parts[1] in _HEAD_STATS:
+        return (L, H)
+    if parts[0] == "heads" and len(parts) == 3 and parts[2] in ("score", "mask", "gate", "echo", "induction"):
+        return (L, H)
+    if parts[0] == "layers" and name == "layers.similarity":
+        return (L - 1, H)
+    if parts[0] == "channels" and len(parts) == 3:
+        if parts[2] in ("min", "max", "absmax"):
+            return (L, H, D)
+        if parts[2] == "quantiles" and isinstance(levels, list):
+            return (L, H, D, len(levels))
+    if parts[0] == "pca" and len(parts) == 3:
+        return {"mean": (L, H, D), "eigvals": (L, H, D), "basis": (L, H, D, D)}.get(parts[2])
+    if parts[0] == "quant" and len(parts) == 3 and parts[2].startswith("levels") and parts[2][6:].isdigit():
+        bits = int(parts[2][6:])
+        return (L, H, 2 ** bits) if 1 <= bits <= 16 else (L, H, -1)
+    return None
+
+
+_HEAD_STATS = ("sink_mass", "recent_mass", "streaming_mass", "entropy", "retrieval_score")
+_MAX_DEPTH = 8            # JSON nesting allowed in a metadata record (kvtool writes at most 4 levels)
+_OPTIONAL = object()
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of a JSON value, stopping as soon as it exceeds `limit`."""
+    if limit < 0:
+        return 1
+    if isinstance(value, dict):
+        return 1 + max((_depth(v, limit - 1) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v, limit - 1) for v in value), default=0)
+    return 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Known fields of each metadata record and what they must be (None is allowed where the writer can store None).
+_MODEL_FIELDS = {
+    "architecture": lambda v: v is None or isinstance(v, str),
+    "model_type": lambda v: v is None or isinstance(v, str),
+    "num_layers": lambda v: _is_int(v) and v >= 1,
+    "num_attention_heads": lambda v: _is_int(v) and v >= 1,
+    "num_kv_heads": lambda v: _is_int(v) and v >= 1,
+    "head_dim": lambda v: _is_int(v) and v >= 1,
+    "rope": lambda v: v is None or isinstance(v, dict),
+    "max_position_embeddings": lambda v: v is None or (_is_int(v) and v >= 1),
+    "layer_types": lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "name": lambda v: v is None or isinstance(v, str),
+    "fingerprint": lambda v: isinstance(v, str),
+}
+_CALIBRATION_FIELDS = {
+    "data": lambda v: v is None or isinstance(v, dict),
+    "samples": lambda v: _is_int(v) and v >= 0,
+    "lengths": lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
+    "seed": lambda v: v is None or _is_int(v),
+    "methods": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+    "created": lambda v: isinstance(v, str),
+    "kvtool_version": lambda v: isinstance(v, str),
+    "trace_seconds": _is_number,
+    "merged_from": lambda v: _is_int(v) and v >= 2,
+}
+_TRACE_FIELDS = {
+    "sink": lambda v: _is_int(v) and v >= 0,
+    "recent": lambda v: _is_int(v) and v >= 0,
+    "quantile_levels": lambda v: isinstance(v, list) and all(_is_number(x) and 0 <= x <= 1 for x in v),
+}
+
+
+def check_metadata(model: dict, calibration: dict, policy: dict, where: str = "profile") -> None:
+    """Schema check of the three metadata records: JSON objects, at most 8 levels deep, known fields of the right
+    type (unknown fields are kept: forward compatible). A bad profile fails here, with one line, not at run time."""
+    for key, record in (("model", model), ("calibration", calibration), ("policy", policy)):
+        if not isinstance(record, dict):
+            raise KvtoolError(f"{where}: kvtool.{key} metadata must be a JSON object")
+        if _depth(record, _MAX_DEPTH) > _MAX_DEPTH:
+            raise KvtoolError(f"{where}: kvtool.{key} metadata is nested more than {_MAX_DEPTH} levels deep")
+    for key, record, rules in (("model", model, _MODEL_FIELDS), ("calibration", calibration, _CALIBRATION_FIELDS),
+                               ("calibration.methods.trace", (calibration.get("methods") or {}).get("trace") or {},
+                                _TRACE_FIELDS)):
+        for fld, ok in rules.items():
+            if fld in record and not ok(record[fld]):
+                raise KvtoolError(f"{where}: kvtool.{key}.{fld} has a value of the wrong type or range "
+                                  f"({type(record[fld]).__name__})")
+    for fld, value in policy.items():
+        if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
+            raise KvtoolError(f"{where}: kvtool.policy.{fld} must be a string or a number")
+
+
 @dataclass
 class Profile:
     tensors: dict[str, torch.Tensor]
@@ -98,12 +203,16 @@ class Profile:
 
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, where: str = "profile") -> None:
-        """Shapes against the model record; no NaN/inf outside `stats.`."""
+        """Shapes against the model record (leading axes per section; exact shapes for every tensor kvtool writes,
+        the quantile count against `methods.trace.quantile_levels`); no NaN/inf outside `stats.`, no NaN in it."""
         m = self.model
         try:
-            L, H, D = int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"])
+            L, H, D = (_count(m, "num_layers"), _count(m, "num_kv_heads"), _count(m, "head_dim"))
         except (KeyError, TypeError, ValueError):
-            raise KvtoolError(f"{where}: kvtool.model lacks num_layers / num_kv_heads / head_dim") from None
+            raise KvtoolError(f"{where}: kvtool.model lacks num_layers / num_kv_heads / head_dim "
+                              "(positive integers)") from None
+        trace = (self.calibration.get("methods") or {}).get("trace") or {}
+        levels = trace.get("quantile_levels")
         for name, t in self.tensors.items():
             if not isinstance(t, torch.Tensor):
                 raise KvtoolError(f"{where}: {name} is not a tensor")
@@ -111,12 +220,16 @@ class Profile:
             expect = {"heads": (L, H), "channels": (L, H, D), "pca": (L, H, D), "quant": (L, H)}.get(section)
             if expect is not None and shape[: len(expect)] != expect:
                 raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected it to start with {list(expect)}")
-            if section == "pca" and name.endswith(".basis") and shape[3:4] != (D,):
-                raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected [{L}, {H}, {D}, {D}]")
+            exact = _exact_shape(name, L, H, D, levels)
+            if exact is not None and shape != exact:
+                raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected {list(exact)}")
             if section == "layers" and (not shape or shape[0] not in (L, L - 1)):
                 raise KvtoolError(f"{where}: {name} has shape {list(shape)}, expected it to start with {L - 1} or {L}")
-            if section != "stats" and t.is_floating_point() and not torch.isfinite(t).all():
-                raise KvtoolError(f"{where}: {name} contains NaN or inf")
+            if t.is_floating_point():
+                if section != "stats" and not torch.isfinite(t).all():
+                    raise KvtoolError(f"{where}: {name} contains NaN or inf")
+                if section == "stats" and torch.isnan(t).any():
+                    raise KvtoolError(f"{where}: {name} contains NaN")
 
     def check_model(self, model) -> None:
         """Refuse a profile made for another model (shape mismatch, or same shape but other weights)."""
@@ -136,10 +249,11 @@ class Profile:
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: temporary file in the same directory, fsync, rename. Nothing is left on failure."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         self.validate(str(path))
+        check_metadata(self.model, self.calibration, self.policy, str(path))
         tensors, seen = {}, set()
         for k, v in self.tensors.items():
             v = v.detach().to("cpu").contiguous()
@@ -148,7 +262,10 @@ class Profile:
             seen.add(ptr)
         meta = {"kvtool.format_version": self.format_version, "kvtool.model": json.dumps(self.model),
                 "kvtool.calibration": json.dumps(self.calibration), "kvtool.policy": json.dumps(self.policy)}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        # serialised in memory and written by atomic_write itself: safetensors' save_file would add its own
+        # `.tmpXXXX` file beside the target, which a killed process leaves behind
+        data = save(tensors, metadata=meta)
+        return atomic_write(path, write_bytes(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "Profile":
@@ -165,10 +282,10 @@ class Profile:
                 # running program whenever the file is rewritten in place (cp, an editor)
                 tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None
         version = meta.get("kvtool.format_version")
-        if version is None:
+        if version is None or not isinstance(version, str):
             raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
         if version.split(".")[0] != FORMAT_VERSION:
             raise KvtoolError(f"{path}: format version {version} is not supported by this kvtool (supports {FORMAT_VERSION})")
@@ -179,10 +296,11 @@ class Profile:
                 raise KvtoolError(f"{path}: kvtool.{key} metadata is missing")
             try:
                 parsed[key] = json.loads(raw) if raw is not None else {}
-            except json.JSONDecodeError:
-                raise KvtoolError(f"{path}: kvtool.{key} metadata is not valid JSON") from None
+            except (json.JSONDecodeError, RecursionError):
+                raise KvtoolError(f"{path}: kvtool.{key} metadata is not valid JSON (or nested too deeply)") from None
             if not isinstance(parsed[key], dict):
                 raise KvtoolError(f"{path}: kvtool.{key} metadata must be a JSON object")
+        check_metadata(parsed["model"], parsed["calibration"], parsed["policy"], str(path))
         profile = cls(tensors, parsed["model"], parsed["calibration"], parsed["policy"], version)
         profile.validate(str(path))
         if model is not None:
