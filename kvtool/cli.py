@@ -14,34 +14,67 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from kvtool.errors import KvtoolError
+from kvtool.textsafe import shown
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and calibration for LLMs.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False)          # emoji=False: `streaming:-1:5` is text, not an emoji code
+err = Console(stderr=True, highlight=False, emoji=False)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler: unwinds like Ctrl-C, so every `finally` removes its temporary files."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Exit codes: 0 done, 1 bad input (`Error: ...`), 2 usage error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    With standalone_mode=False typer turns KeyboardInterrupt into `Exit(130)` and *returns* its code (as it does for
+    any `typer.Exit`), so the returned value is the exit code."""
+    import signal
+
     try:
-        app(standalone_mode=False)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:               # not the main thread (main() called from a worker): keep the default
+        previous = None
+    try:
+        code = _run_app()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code == 130:
+        err.print("[bold red]Error:[/] interrupted")
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)
+
+
+def _run_app():
+    """Run the app; return its exit code (0/None when done) or exit with a one-line error."""
+    try:
+        return app(standalone_mode=False)
     except KvtoolError as exc:
-        err.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
+        err.print(f"[bold red]Error:[/] {shown(exc)}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[bold red]Error:[/] interrupted")
-        sys.exit(130)
+        return 130
+    except Terminated:
+        err.print("[bold red]Error:[/] terminated (SIGTERM)")
+        sys.exit(143)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # usage errors: typer vendors its own click, so match by shape, not by class
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             if exc.format_message().strip():   # empty after `kvtool` alone, which has printed the help
-                err.print(f"[bold red]Error:[/] {escape(exc.format_message())}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {shown(exc.format_message())}", soft_wrap=True)
             sys.exit(exc.exit_code or 2)
         if type(exc).__name__ == "Abort":
             sys.exit(1)
@@ -68,6 +101,9 @@ def _writable_target(path: Path) -> Path:
         raise KvtoolError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise KvtoolError(f"cannot write {path}: directory {parent} is not writable")
+    from kvtool.fileio import sweep_stale
+
+    sweep_stale(parent)              # temporary files of an earlier run that was killed (SIGKILL) mid-write
     return path
 
 
@@ -133,9 +169,9 @@ def profile(
         return
     table = Table(title="kvtool profile", show_header=False)
     for k, v in summary.items():
-        table.add_row(k, str(v))
+        table.add_row(k, shown(v))
     out.print(table)
-    out.print(f"Next: [bold]kvtool inspect {path}[/] (add --plot heads.png for heatmaps)")
+    out.print(f"Next: [bold]kvtool inspect {shown(path)}[/] (add --plot heads.png for heatmaps)")
 
 
 def _head_counts(prof) -> dict:
@@ -164,12 +200,12 @@ def inspect(
         print(json.dumps(summary, indent=2))
         return
     m, c = summary["model"], summary["calibration"]
-    out.print(f"[bold]{profile_path}[/]: {m.get('name') or m['architecture']} — {m['num_layers']} layers, "
-              f"{m['num_attention_heads']} query / {m['num_kv_heads']} KV heads, head_dim {m['head_dim']}; "
-              f"{c.get('samples')} samples, data {c.get('data', {}).get('kind')}")
+    out.print(f"[bold]{shown(profile_path)}[/]: {shown(m.get('name') or m.get('architecture'))} — "
+              f"{m['num_layers']} layers, {shown(m.get('num_attention_heads'))} query / {m['num_kv_heads']} KV heads, "
+              f"head_dim {m['head_dim']}; {shown(c.get('samples'))} samples, data {shown((c.get('data') or {}).get('kind'))}")
     for name, m in summary.get("methods", {}).items():
         heads = ", ".join(f"{l}.{h}" for l, h in m["heads (layer, kv_head) by score"])
-        out.print(f"[bold]{name}[/]: {m['retrieval_heads']} of {m['kv_heads']} KV heads are retrieval heads "
+        out.print(f"[bold]{shown(name)}[/]: {m['retrieval_heads']} of {m['kv_heads']} KV heads are retrieval heads "
                   f"(layer.head, best first): {heads or '-'}")
     for key, title in (("retrieval_heads", "Most retrieval-like KV heads"),
                        ("streaming_heads", "Most streaming-like KV heads"),
@@ -182,15 +218,15 @@ def inspect(
         elif key == "outlier_channels":
             out.print(f"{title}: none")
     if plot is not None:
-        out.print(f"Heatmaps written to [bold]{plot}[/]")
+        out.print(f"Heatmaps written to [bold]{shown(plot)}[/]")
 
 
 def _table(title: str, rows: list[dict]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=shown(title), title_justify="left")
     for col in rows[0]:
-        table.add_column(str(col), justify="right")
+        table.add_column(shown(col), justify="right")
     for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
+        table.add_row(*(shown(v) for v in r.values()))
     return table
 
 
@@ -275,7 +311,7 @@ def calibrate(
         fallback = f", {summary['uniform_fallback']} codebooks left uniform" if summary["uniform_fallback"] else ""
         out.print(f"kvquant: k-means levels for {'/'.join(map(str, summary['bits']))}-bit keys (pre/post RoPE, "
                   f"kclip {summary['kclip']}) and values (vgroup {summary['vgroup']}) from {summary['samples']} x "
-                  f"{summary['seq_len']} tokens{fallback} ({summary['seconds']} s) -> [bold]{path}[/]")
+                  f"{summary['seq_len']} tokens{fallback} ({summary['seconds']} s) -> [bold]{shown(path)}[/]")
         return
     mask = prof[f"heads.{method}.mask"]
     summary = {"output": str(path), "method": method, "retrieval_heads": int(mask.sum()), "kv_heads": mask.numel(),
@@ -284,7 +320,7 @@ def calibrate(
         print(json.dumps(summary, indent=2))
         return
     out.print(f"{method}: {summary['retrieval_heads']} of {summary['kv_heads']} KV heads are retrieval heads "
-              f"({summary['seconds']} s) -> [bold]{path}[/]")
+              f"({summary['seconds']} s) -> [bold]{shown(path)}[/]")
 
 
 @app.command()
@@ -299,7 +335,41 @@ def merge(
     path = _writable_target(output)
     merged = merge_profiles(*(Profile.load(p) for p in profiles))
     merged.save(path)
-    out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples) into [bold]{path}[/]")
+    out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples) into [bold]{shown(path)}[/]")
+
+
+@app.command("cache")
+def cache_cmd(
+    clear: bool = typer.Option(False, "--clear", help="Remove every cached conversion (the next load converts again, ~20 s)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the listing as JSON."),
+) -> None:
+    """List (or clear) kvtool's model conversion cache: one float32 copy of each GGUF model kvtool has loaded."""
+    from kvtool.models import cache_dir, cache_entries, clear_cache
+
+    root = cache_dir()
+    if clear:
+        n, removed = clear_cache()
+        if as_json:
+            print(json.dumps({"cache_dir": str(root), "removed_entries": n, "removed_bytes": removed}, indent=2))
+        else:
+            out.print(f"Removed {n} cache entries ({removed / 1e6:.1f} MB) from {shown(root)}")
+        return
+    rows = cache_entries()
+    total = sum(r["bytes"] for r in rows)
+    if as_json:
+        print(json.dumps({"cache_dir": str(root), "entries": rows, "total_bytes": total}, indent=2))
+        return
+    if not rows:
+        out.print(f"The model cache {shown(root)} is empty")
+        return
+    table = Table(title=f"kvtool model cache: {shown(root / 'models')}", title_justify="left")
+    for col, justify in (("entry", "left"), ("kind", "left"), ("MB", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(shown(Path(r["path"]).name), shown(r["kind"]), f"{r['bytes'] / 1e6:.1f}")
+    table.add_row("total", "", f"{total / 1e6:.1f}")
+    out.print(table)
+    out.print("Clear it with [bold]kvtool cache --clear[/] (the next load of a GGUF converts it again).")
 
 
 from kvtool import cli_run  # noqa: E402,F401  (registers `run` and `bench` on the app)

@@ -11,6 +11,7 @@ import typer
 
 from kvtool.cli import _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.errors import KvtoolError
+from kvtool.textsafe import shown
 
 SHIPPED = {None: "smollm2-135m-instruct.kv.st"}     # model argument -> shipped profile file in profiles/
 DEFAULT_BENCH_POLICIES = ["heads=0.5", "heads=all,k=4,v=4", "heads=0.5,k=4,v=4,krope=pre",    # heads=<f>: the
@@ -62,7 +63,7 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
     with _progress() as bar:
         job = bar.add_task(f"{task}", total=len(specs), info="")
         for spec in specs:
-            bar.update(job, info=spec)
+            bar.update(job, info=shown(spec))
             if task == "passkey":
                 results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
             else:
@@ -134,9 +135,9 @@ def run(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    out.print(result["text"])
+    out.print(shown(result["text"], newlines=True))
     share = result["kv_bytes"] / max(result["full16_bytes"], 1)
-    err.print(f"policy {spec}: {result['tokens_seen']} tokens seen; the KV cache holds {result['kv_bytes'] / 2**20:.3f} MiB "
+    err.print(f"policy {shown(spec)}: {result['tokens_seen']} tokens seen; the KV cache holds {result['kv_bytes'] / 2**20:.3f} MiB "
               f"= {100 * share:.0f}% of a 16-bit full cache ({result['full16_bytes'] / 2**20:.3f} MiB); "
               f"{result['decode_tok_s']:.1f} tokens/s")
     if share >= 1:
@@ -256,4 +257,4 @@ def bench(
 
         memory_vs_quality(results, plot, task)
         if not as_json:
-            out.print(f"Plot written to [bold]{plot}[/]")
+            out.print(f"Plot written to [bold]{shown(plot)}[/]")
