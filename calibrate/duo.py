@@ -215,7 +215,7 @@ class Duo:
             tensors[f"optimizer.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
         meta = {"kvtool.duo_checkpoint": _CHECKPOINT_FORMAT, "step": json.dumps(step),
                 "config": json.dumps(self._fingerprint())}
-        atomic_write(self.checkpoint, write_bytes(save(tensors, metadata=meta)))
+        atomic_write(self.checkpoint, lambda tmp: write_bytes(save(tensors, metadata=meta))(tmp))
 
     def _load(self, gates, opt) -> tuple[int, list]:
         """Read and validate a checkpoint written by `_save`. Never unpickles anything: a file that is not a

@@ -169,6 +169,7 @@ def gguf_sha256(gguf: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     digest = h.hexdigest()
+    index = {k: v for k, v in index.items() if os.path.exists(k)}      # forget files that are gone
     index[key] = {**ident, "sha256": digest}
     try:
         index_path.parent.mkdir(parents=True, exist_ok=True)

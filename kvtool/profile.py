@@ -264,8 +264,7 @@ class Profile:
                 "kvtool.calibration": json.dumps(self.calibration), "kvtool.policy": json.dumps(self.policy)}
         # serialised in memory and written by atomic_write itself: safetensors' save_file would add its own
         # `.tmpXXXX` file beside the target, which a killed process leaves behind
-        data = save(tensors, metadata=meta)
-        return atomic_write(path, write_bytes(data))
+        return atomic_write(path, lambda tmp: write_bytes(save(tensors, metadata=meta))(tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "Profile":
