@@ -127,35 +127,40 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-# Known fields of each metadata record and what they must be (None is allowed where the writer can store None).
+# Known fields of each metadata record: (check, what it must be). None is allowed where the writer can store None.
+_POS_INT = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+_STR_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
 _MODEL_FIELDS = {
-    "architecture": lambda v: v is None or isinstance(v, str),
-    "model_type": lambda v: v is None or isinstance(v, str),
-    "num_layers": lambda v: _is_int(v) and v >= 1,
-    "num_attention_heads": lambda v: _is_int(v) and v >= 1,
-    "num_kv_heads": lambda v: _is_int(v) and v >= 1,
-    "head_dim": lambda v: _is_int(v) and v >= 1,
-    "rope": lambda v: v is None or isinstance(v, dict),
-    "max_position_embeddings": lambda v: v is None or (_is_int(v) and v >= 1),
-    "layer_types": lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
-    "name": lambda v: v is None or isinstance(v, str),
-    "fingerprint": lambda v: isinstance(v, str),
+    "architecture": _STR_OR_NULL,
+    "model_type": _STR_OR_NULL,
+    "num_layers": _POS_INT,
+    "num_attention_heads": _POS_INT,
+    "num_kv_heads": _POS_INT,
+    "head_dim": _POS_INT,
+    "rope": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "max_position_embeddings": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or null"),
+    "layer_types": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                    "a list of strings or null"),
+    "name": _STR_OR_NULL,
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
 }
 _CALIBRATION_FIELDS = {
-    "data": lambda v: v is None or isinstance(v, dict),
-    "samples": lambda v: _is_int(v) and v >= 0,
-    "lengths": lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
-    "seed": lambda v: v is None or _is_int(v),
-    "methods": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
-    "created": lambda v: isinstance(v, str),
-    "kvtool_version": lambda v: isinstance(v, str),
-    "trace_seconds": _is_number,
-    "merged_from": lambda v: _is_int(v) and v >= 2,
+    "data": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "lengths": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v), "a list of integers >= 0"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "methods": (lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+                "an object of objects"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+    "kvtool_version": (lambda v: isinstance(v, str), "a string"),
+    "trace_seconds": (_is_number, "a number"),
+    "merged_from": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
 }
 _TRACE_FIELDS = {
-    "sink": lambda v: _is_int(v) and v >= 0,
-    "recent": lambda v: _is_int(v) and v >= 0,
-    "quantile_levels": lambda v: isinstance(v, list) and all(_is_number(x) and 0 <= x <= 1 for x in v),
+    "sink": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "recent": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "quantile_levels": (lambda v: isinstance(v, list) and all(_is_number(x) and 0 <= x <= 1 for x in v),
+                        "a list of numbers in [0, 1]"),
 }
 
 
@@ -170,10 +175,11 @@ def check_metadata(model: dict, calibration: dict, policy: dict, where: str = "p
     for key, record, rules in (("model", model, _MODEL_FIELDS), ("calibration", calibration, _CALIBRATION_FIELDS),
                                ("calibration.methods.trace", (calibration.get("methods") or {}).get("trace") or {},
                                 _TRACE_FIELDS)):
-        for fld, ok in rules.items():
+        for fld, (ok, what) in rules.items():
             if fld in record and not ok(record[fld]):
-                raise KvtoolError(f"{where}: kvtool.{key}.{fld} has a value of the wrong type or range "
-                                  f"({type(record[fld]).__name__})")
+                got = json.dumps(record[fld])
+                got = got if len(got) <= 40 else got[:37] + "..."
+                raise KvtoolError(f"{where}: kvtool.{key}.{fld} must be {what} (got {got})")
     for fld, value in policy.items():
         if not (value is None or isinstance(value, (str, bool)) or _is_number(value)):
             raise KvtoolError(f"{where}: kvtool.policy.{fld} must be a string or a number")

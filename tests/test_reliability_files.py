@@ -170,6 +170,17 @@ def test_nan_statistics_are_not_merged(capsys, good, tmp_path):
     assert not (tmp_path / "m.kv.st").exists()
 
 
+@pytest.mark.parametrize("key,value", [("stats.key_post_moments.s", torch.zeros(2, 2, 7, dtype=torch.float64)),
+                                       ("stats.value.hist", torch.zeros(2, 2, 8, 600, dtype=torch.int16)),
+                                       ("stats.value.hist", torch.zeros(2, 2, 8, 3))])
+def test_raw_statistics_of_the_wrong_shape_are_not_merged(capsys, good, tmp_path, key, value):
+    bad = edit_profile(good, tmp_path / "bad.kv.st", tensors={key: value})
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "merge", good, bad, "-o", tmp_path / "m.kv.st")
+    one_line_error(code, err, key)
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.parametrize("name", ["[/]oops", "[blink red]flash[/blink red]", "\x1b[31mred\x1b[0m\x07", ":-1: emoji"])
 def test_markup_and_escapes_from_a_profile_are_printed_as_text(capsys, monkeypatch, good, tmp_path, name):
     import kvtool.cli
