@@ -74,7 +74,7 @@ def _run_app():
     except Exception as exc:  # usage errors: typer vendors its own click, so match by shape, not by class
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             if exc.format_message().strip():   # empty after `kvtool` alone, which has printed the help
-                err.print(f"[bold red]Error:[/] {shown(exc.format_message())}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {shown(exc.format_message(), newlines=True)}", soft_wrap=True)
             sys.exit(exc.exit_code or 2)
         if type(exc).__name__ == "Abort":
             sys.exit(1)

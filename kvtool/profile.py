@@ -145,7 +145,7 @@ _MODEL_FIELDS = {
     "fingerprint": (lambda v: isinstance(v, str), "a string"),
 }
 _CALIBRATION_FIELDS = {
-    "data": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "data": (lambda v: isinstance(v, dict), "an object"),
     "samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "lengths": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v), "a list of integers >= 0"),
     "seed": (lambda v: v is None or _is_int(v), "an integer or null"),
