@@ -13,10 +13,11 @@ from kvtool.trace import Dims, TraceConfig, TraceStats, Tracer, config_dict
 DEFAULT_POLICY = {"heads": "retrieval:0.5", "sink": 64, "recent": 256, "k_bits": 16, "v_bits": 16}
 
 
-def check_lengths(model, seq_len: int, config: TraceConfig) -> None:
-    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics."""
-    cfg = model.config.get_text_config()
-    limit = getattr(cfg, "max_position_embeddings", None)
+def check_lengths(model, seq_len: int, config: TraceConfig, limit: int | None = None) -> None:
+    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics. Without a
+    model (None: before loading it) the context is `limit`, when known."""
+    if model is not None:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
     if seq_len <= config.sink + config.recent:
