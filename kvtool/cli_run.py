@@ -98,8 +98,11 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
                decode_steps: int = 16) -> list:
+    from kvtool.baselines import make_cache
     from kvtool.evaluate import run_nll, run_passkey
 
+    for spec in specs:               # build every cache once first: one the model cannot take fails before any run
+        make_cache(mdl, prof, spec, backend)
     results = []
     with _progress() as bar:
         job = bar.add_task(f"{task}", total=len(specs), info="")
