@@ -296,6 +296,8 @@ def _jsonl_text(raw: str, path: Path, sep: str) -> str:
 def _read_text(path: Path, sep: str) -> str:
     if not path.exists():
         raise KvtoolError(f"no such data file: {path}; give 'passkey' or an existing .txt / .jsonl file")
+    if path.is_dir():
+        raise KvtoolError(f"cannot read data file {path}: it is a directory; give a .txt or .jsonl file")
     ext = path.suffix.lower()
     if ext not in (".txt", ".jsonl"):
         raise KvtoolError(f"unsupported data file type '{path.suffix}' ({path}); use a .txt or .jsonl file")

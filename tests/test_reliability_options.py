@@ -200,7 +200,7 @@ BEFORE_LOAD = [
     ("data-not-utf8", ["profile", MODEL, *TEXT["seq"], "--data", "latin1.txt"], "not UTF-8"),
     ("data-too-short", ["profile", MODEL, *TEXT["seq"], "--data", "short.txt"], "too few for one sample"),
     ("data-wrong-type", ["profile", MODEL, *TEXT["seq"], "--data", "data.csv"], "unsupported data file type"),
-    ("data-directory", ["profile", MODEL, *TEXT["seq"], "--data", "adir"], "unsupported data file type"),
+    ("data-directory", ["profile", MODEL, *TEXT["seq"], "--data", "adir"], "is a directory"),
     ("kvquant-data-malformed", ["calibrate", "-m", "kvquant", MODEL, "--profile", "good.kv.st", "--seq-len", "64",
                                 "--data", "bad.jsonl", "-o", "q.kv.st"], "not valid JSON"),
     ("kvquant-vgroup-0", ["calibrate", "-m", "kvquant", MODEL, "--profile", "good.kv.st", "--seq-len", "64",
