@@ -180,6 +180,7 @@ def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 class CompressedCache(Cache):
     """A transformers Cache holding what `policy` allows of a `profile` (see the module docstring).
 
+    profile: a Profile, a path to a .kv.st file (loaded and checked against `model`), or None.
     policy: a policy string (kvtool.policy) or Policy; None takes the profile's default policy (or the lossless one
     without a profile). Building the cache switches `model` to the "kvtool" attention, which falls back to plain
     sdpa for any other cache, so the model keeps working with ordinary caches too."""
