@@ -227,13 +227,11 @@ def calibrate(
     (kvquant; use them with the run policy codebook=kmeans)."""
     import calibrate as registry
     from calibrate.heads import check_fraction
-    from kvtool.api import calibrate as run_calibration
-    from kvtool.models import load_model
-    from kvtool.profile import Profile
-
     from kvtool import checks
+    from kvtool.api import calibrate as run_calibration
     from kvtool.data import check_data
-    from kvtool.models import _as_dtype
+    from kvtool.models import _as_dtype, load_model
+    from kvtool.profile import Profile
 
     registry.get(method)                                       # unknown method: fail before loading anything
     if fraction is not None:
