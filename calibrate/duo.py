@@ -88,6 +88,8 @@ class Duo:
                 raise KvtoolError(f"duo {name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.steps < 1 or self.lengths < 1 or self.passkeys < 1 or self.words < 1:
             raise KvtoolError("duo steps, lengths, passkeys and words must be at least 1")
+        if self.checkpoint_every < 1:
+            raise KvtoolError(f"duo checkpoint_every must be at least 1 (got {self.checkpoint_every})")
         if self.resume and not self.checkpoint:
             raise KvtoolError("--resume needs --checkpoint PATH")
         if self.checkpoint:

@@ -13,10 +13,11 @@ from kvtool.trace import Dims, TraceConfig, TraceStats, Tracer, config_dict
 DEFAULT_POLICY = {"heads": "retrieval:0.5", "sink": 64, "recent": 256, "k_bits": 16, "v_bits": 16}
 
 
-def check_lengths(model, seq_len: int, config: TraceConfig) -> None:
-    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics."""
-    cfg = model.config.get_text_config()
-    limit = getattr(cfg, "max_position_embeddings", None)
+def check_lengths(model, seq_len: int, config: TraceConfig, limit: int | None = None) -> None:
+    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics. Without a
+    model (None: before loading it) the context is `limit`, when known."""
+    if model is not None:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
     if seq_len <= config.sink + config.recent:
@@ -28,19 +29,22 @@ def check_lengths(model, seq_len: int, config: TraceConfig) -> None:
 
 def profile_model(model, samples, *, config: TraceConfig | None = None, data: dict | None = None, seed: int = 42,
                   name: str | None = None, keep_stats: bool = True, on_sample=None) -> Profile:
-    """Trace `samples` (a list of kvtool.data.Sample) through `model` and return the Profile (not yet saved)."""
+    """Trace `samples` (a sequence of kvtool.data.Sample; a SampleStream is made one sample at a time) through
+    `model` and return the Profile (not yet saved)."""
     config = config or TraceConfig()
     if not samples:
         raise KvtoolError("zero samples: nothing to profile (raise --samples, or give a longer data file)")
-    for s in samples:
-        check_lengths(model, s.input_ids.numel(), config)
+    streamed = hasattr(samples, "length")             # a kvtool.data.SampleStream: lengths known, samples made lazily
+    lengths = [samples.length(i) if streamed else int(samples[i].input_ids.numel()) for i in range(len(samples))]
+    for n in sorted(set(lengths)):
+        check_lengths(model, n, config)
     start = time.perf_counter()
     stats = Tracer(model, config).run(samples, on_sample=on_sample)
     seconds = time.perf_counter() - start
     calibration = {
         "data": data or {"kind": "unknown"},
         "samples": len(samples),
-        "lengths": [int(s.input_ids.numel()) for s in samples],
+        "lengths": lengths,
         "seed": seed,
         "methods": {"trace": config_dict(config)},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

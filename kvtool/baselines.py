@@ -13,6 +13,7 @@ tensors, which would otherwise count double against the 16-bit reference.) kvtoo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,15 +63,27 @@ def check_spec(spec: str) -> None:
         except Exception:
             raise KvtoolError("baseline quanto needs optimum-quanto (pip install optimum-quanto)") from None
     elif spec.startswith("streaming:"):
-        parts = spec.split(":")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]) or int(parts[2]) < 1:
-            raise KvtoolError(f"baseline {spec!r}: write streaming:<sink>:<recent>, e.g. streaming:4:1020")
+        _streaming(spec)
     elif spec.startswith("press:"):
         from kvtool.press import press_handle
 
         press_handle(None, spec, None)
     else:
         Policy.parse(spec, default_method="duo")
+
+
+def _streaming(spec: str) -> tuple[int, int]:
+    """streaming:<sink>:<recent> -> (sink >= 0, recent >= 1), plain decimal integers."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(re.fullmatch(r"-?[0-9]+", p) for p in parts[1:]):
+        raise KvtoolError(f"baseline {spec!r}: write streaming:<sink>:<recent> with whole numbers, "
+                          "e.g. streaming:4:1020")
+    sink, recent = int(parts[1]), int(parts[2])
+    if sink < 0:
+        raise KvtoolError(f"baseline {spec!r}: sink must be at least 0 (got {sink})")
+    if recent < 1:
+        raise KvtoolError(f"baseline {spec!r}: recent must be at least 1 (the newest token is always kept)")
+    return sink, recent
 
 
 def make_cache(model, profile, spec: str, backend: str = "auto") -> CacheHandle:
@@ -88,10 +101,8 @@ def make_cache(model, profile, spec: str, backend: str = "auto") -> CacheHandle:
     if spec.startswith("quanto:"):
         return _quanto(model, spec, dims)
     if spec.startswith("streaming:"):
-        parts = spec.split(":")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
-            raise KvtoolError(f"baseline {spec!r}: write streaming:<sink>:<recent>, e.g. streaming:4:1020")
-        return _kvtool(model, None, f"heads=none,sink={parts[1]},recent={parts[2]}", dims, backend, label=spec)
+        sink, recent = _streaming(spec)
+        return _kvtool(model, None, f"heads=none,sink={sink},recent={recent}", dims, backend, label=spec)
     if spec.startswith("press:"):
         from kvtool.press import press_handle
 

@@ -11,6 +11,8 @@ held. The registered `"kvtool"` attention function reads the stores through the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AttentionInterface, Cache
 from transformers.masking_utils import AttentionMaskInterface
@@ -178,11 +180,22 @@ def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 class CompressedCache(Cache):
     """A transformers Cache holding what `policy` allows of a `profile` (see the module docstring).
 
+    profile: a Profile, a path to a .kv.st file (loaded and checked against `model`), or None.
     policy: a policy string (kvtool.policy) or Policy; None takes the profile's default policy (or the lossless one
     without a profile). Building the cache switches `model` to the "kvtool" attention, which falls back to plain
     sdpa for any other cache, so the model keeps working with ordinary caches too."""
 
     def __init__(self, model, profile=None, policy: str | Policy | None = None, backend: str = "auto"):
+        if isinstance(profile, (str, os.PathLike)):
+            from kvtool.profile import Profile
+
+            profile = Profile.load(profile, model=model)                    # a path: load (and check) it
+        elif profile is not None and not hasattr(profile, "check_model"):
+            raise KvtoolError(f"profile must be a kvtool Profile, a path to a .kv.st file or None "
+                              f"(got {type(profile).__name__})")
+        if policy is not None and not isinstance(policy, (str, Policy)):
+            raise KvtoolError(f"policy must be a policy string such as 'heads=all,k=4,v=4', a Policy or None "
+                              f"(got {type(policy).__name__})")
         default_method = _profile_method(profile)
         if isinstance(policy, Policy):
             self.policy = policy
@@ -336,6 +349,11 @@ def use_kvtool_attention(model) -> None:
 def prefill(model, input_ids: torch.Tensor, cache: CompressedCache, chunk: int = 512) -> torch.Tensor:
     """Run a prompt [B, T] through the model in chunks (with a CompressedCache the full 16-bit cache never exists at
     once; any other cache works too); returns the last position's logits [B, V]."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise KvtoolError(f"prefill needs input_ids of shape [batch, tokens] with at least one token "
+                          f"(got shape {list(input_ids.shape)})")
+    if chunk < 1:
+        raise KvtoolError(f"prefill chunk must be at least 1 token (got {chunk})")
     logits = None
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start:start + chunk]

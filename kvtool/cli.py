@@ -135,15 +135,20 @@ def profile(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trace MODEL on calibration data in one pass and write a .kv.st profile."""
+    from kvtool import checks
     from kvtool.api import check_lengths, profile_model
-    from kvtool.data import describe, load_samples
-    from kvtool.models import load_model
+    from kvtool.data import check_data, describe, load_samples
+    from kvtool.models import _as_dtype, load_model
     from kvtool.trace import TraceConfig
 
     path = _writable_target(output or _default_output(model))
     config = TraceConfig(sink=sink, recent=recent, query_samples=query_samples)
-    if samples < 1:
-        raise KvtoolError("zero samples: --samples must be at least 1")
+    checks.samples(samples)
+    checks.whole("--needles", needles)
+    checks.seed(seed)
+    _as_dtype(dtype)
+    check_lengths(None, seq_len, config, limit=checks.model_context(model))       # all before the model loads
+    check_data(data, seq_len)
     _quiet_libraries()
     t0 = time.perf_counter()
     with err.status("Loading model (the first load of the embedded GGUF converts it, ~20 s)"):
@@ -258,21 +263,47 @@ def calibrate(
     (kvquant; use them with the run policy codebook=kmeans)."""
     import calibrate as registry
     from calibrate.heads import check_fraction
+    from kvtool import checks
     from kvtool.api import calibrate as run_calibration
-    from kvtool.models import load_model
+    from kvtool.data import check_data
+    from kvtool.models import _as_dtype, load_model
     from kvtool.profile import Profile
 
     registry.get(method)                                       # unknown method: fail before loading anything
     if fraction is not None:
         check_fraction(fraction)
     path = _writable_target(output or profile_in or _default_output(model))
-    if method == "duo" and preset is None:
-        import torch
+    _as_dtype(dtype)
+    if samples is not None:
+        checks.samples(samples)
+    if method in ("retrieval", "kvquant"):
+        checks.whole("--seq-len", seq_len, 2)
+        checks.context(checks.model_context(model), seq_len, f"--seq-len {seq_len}")
+    if method == "razor":
+        checks.whole("--probe-len", probe_len, 8)
+    if profile_in is not None:
+        checks.profile_file(profile_in)
+    duo = {}
+    if method == "duo":
+        if steps is not None:
+            duo["steps"] = checks.whole("--steps", steps)
+        if checkpoint_every is not None:
+            duo["checkpoint_every"] = checks.whole("--checkpoint-every", checkpoint_every)
+        if checkpoint is not None:
+            if resume and not checkpoint.is_file():
+                raise KvtoolError(f"--resume: checkpoint {checkpoint} "
+                                  f"{'is not a file' if checkpoint.exists() else 'does not exist'}")
+            if checkpoint.is_dir():
+                raise KvtoolError(f"--checkpoint {checkpoint} is a directory; give a file path inside it")
+            duo["checkpoint"] = str(_writable_target(checkpoint))
+        if resume:
+            duo["resume"] = True
+        if preset is None:
+            import torch
 
-        preset = "paper" if torch.cuda.is_available() else "cpu"
-        err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
-    duo = {k: v for k, v in {"steps": steps, "checkpoint": str(checkpoint) if checkpoint else None,
-                             "checkpoint_every": checkpoint_every, "resume": resume}.items() if v not in (None, False)}
+            preset = "paper" if torch.cuda.is_available() else "cpu"
+            err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
+        duo_steps = registry.get("duo").from_preset(preset, **duo).steps   # bad settings: fail before loading
     options = {"retrieval": {"samples": 8 if samples is None else samples, "seq_len": seq_len},
                "razor": {"probe_len": probe_len}, "duo": {"preset": preset, **duo}}.get(method, {})
     if method == "kvquant":
@@ -287,13 +318,14 @@ def calibrate(
         options = {"bits": bit_list, "kclip": kclip, "vgroup": vgroup, "samples": 4 if samples is None else samples,
                    "seq_len": seq_len, "data": data, "weighting": weighting}
         registry.get(method)(**options)                        # bad bits / kclip / vgroup: fail before loading
+        check_data(data, seq_len)
     _quiet_libraries()
     with err.status("Loading model"):
         mdl, tok = load_model(model, dtype=dtype)
         base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
     with _progress() as bar:
         total = options["samples"] if method == "retrieval" else \
-            (steps or registry.get("duo").from_preset(preset).steps) if method == "duo" else \
+            duo_steps if method == "duo" else \
             (options["samples"] + mdl.config.get_text_config().num_hidden_layers) if method == "kvquant" else 1
         task = bar.add_task(f"calibrate {method}", total=total, info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,

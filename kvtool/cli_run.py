@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from kvtool.cli import _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.errors import KvtoolError
@@ -45,6 +46,47 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
     return mdl, tok, prof
 
 
+PASSKEY_ANSWER = 16          # positions a passkey answer may take after its prompt (a 5-digit key + 4 spare steps)
+
+
+def _check_task(task: Optional[str], lengths: str, depths: int, samples: int, context: int, continuation: int,
+                chunk: int, seed: int, decode_steps: int) -> list[int]:
+    """Refuse out-of-range task options before loading the model; the passkey lengths as a list."""
+    from kvtool import checks
+
+    lens = _int_list(lengths, "--lengths")
+    checks.whole("--chunk", chunk)
+    checks.seed(seed)
+    if task == "passkey":
+        checks.whole("--depths", depths, 1, 10_000)
+    if task == "nll":
+        checks.samples(samples)
+        checks.whole("--context", context)
+        checks.whole("--continuation", continuation, 2)                  # the first token is scored from the context
+        checks.whole("--decode-steps", decode_steps)
+        need = samples * (context + continuation)
+        if need > checks.MAX_NLL_TOKENS:
+            raise KvtoolError(f"nll: --samples x (--context + --continuation) = {need} tokens is more text than kvtool "
+                              f"cuts from its built-in document (at most {checks.MAX_NLL_TOKENS})")
+    return lens
+
+
+def _check_task_context(limit: Optional[int], task: Optional[str], lens: list[int], context: int, continuation: int,
+                        decode_steps: int) -> None:
+    """Refuse a task whose sequences run past the model's context (limit None: not known yet)."""
+    from kvtool.checks import context as within
+
+    if task == "passkey":
+        within(limit, max(lens) + PASSKEY_ANSWER, f"--lengths {max(lens)} plus up to {PASSKEY_ANSWER} answer tokens")
+    elif task == "nll":
+        within(limit, context + continuation + decode_steps,
+               f"--context {context} + --continuation {continuation} + {decode_steps} decode steps")
+
+
+def _limit(mdl) -> Optional[int]:
+    return getattr(mdl.config.get_text_config(), "max_position_embeddings", None)
+
+
 def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed):
     from kvtool.evaluate import default_depths, nll_samples, passkey_grid
 
@@ -57,8 +99,11 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
                decode_steps: int = 16) -> list:
+    from kvtool.baselines import make_cache
     from kvtool.evaluate import run_nll, run_passkey
 
+    for spec in specs:               # build every cache once first: one the model cannot take fails before any run
+        make_cache(mdl, prof, spec, backend)
     results = []
     with _progress() as bar:
         job = bar.add_task(f"{task}", total=len(specs), info="")
@@ -111,26 +156,36 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Run the model with a compressed KV cache: generate from a prompt, or compare with the full cache on a task."""
+    from kvtool import checks
+    from kvtool.models import _as_dtype
     from kvtool.policy import Policy
 
     if sum(x is not None for x in (prompt, prompt_file, task)) != 1:
         raise KvtoolError("give exactly one of --prompt, --prompt-file or --task passkey|nll")
     if task is not None and task not in ("passkey", "nll"):
         raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
-    if prompt_file is not None and not prompt_file.is_file():
-        raise KvtoolError(f"no such prompt file: {prompt_file}")
+    text = prompt if prompt is not None else _prompt_text(prompt_file) if prompt_file is not None else None
+    if text is not None:
+        if not text.strip():
+            raise KvtoolError("--prompt is empty; give some text to generate from" if prompt is not None
+                              else f"prompt file {prompt_file} has no text")
+        checks.whole("--max-new-tokens", max_new_tokens)
+    lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, 16)
     if policy is not None:
-        Policy.parse(policy, default_method="duo")                     # malformed: fail before loading anything
+        _check_policy(policy, "--policy")                               # malformed: fail before loading anything
+    if profile is not None:
+        checks.profile_file(profile)
+    _as_dtype(dtype)
     _check_backend(backend, device)
+    _check_task_context(checks.model_context(model), task, lens, context, continuation, 16)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
-        lens = _int_list(lengths, "--lengths")
+        _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
         data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
         results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend)
-        _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
+        _print(results, f"kvtool run --task {task}: full cache vs {escape(spec)}", as_json)
         return
-    text = prompt if prompt is not None else prompt_file.read_text(encoding="utf-8", errors="replace")
     result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -158,6 +213,12 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(text, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise KvtoolError("the prompt gives no tokens; give some text to generate from")
+    limit = _limit(model)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise KvtoolError(f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is "
+                          f"beyond the model's context of {limit} tokens")
     cache = CompressedCache(model, profile, policy, backend=backend)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -193,6 +254,39 @@ def _check_backend(backend: str, device: str) -> None:
     cupy_kernels.select_backend(backend, device)
 
 
+def _prompt_text(path: Path) -> str:
+    if not path.is_file():
+        raise KvtoolError(f"no such prompt file: {path}" if not path.exists() else f"prompt file {path} is not a file")
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise KvtoolError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+
+
+def _check_policy(text: str, flag: str) -> None:
+    """Refuse an empty or malformed policy, or heads=<name> naming no calibration method, before any loading."""
+    import calibrate
+    from kvtool.policy import Policy
+
+    if not text.strip():
+        raise KvtoolError(f"{flag} is empty; give a policy such as heads=all,k=4,v=4 (or leave {flag} out)")
+    heads = Policy.parse(text, default_method="duo").heads
+    if heads not in ("all", "none", "random") and heads not in calibrate.names():
+        raise KvtoolError(f"{flag} {text!r}: heads={heads} names no calibration method "
+                          f"(known: {', '.join(calibrate.names())}; or all, none, random:<fraction>)")
+
+
+def _spec_list(text: Optional[str], default: list[str], flag: str) -> list[str]:
+    """';'-separated specs; an option given but holding none is refused (not read as the default)."""
+    if text is None:
+        return list(default)
+    specs = [p.strip() for p in text.split(";") if p.strip()]
+    if not specs:
+        raise KvtoolError(f"{flag} {text!r} names nothing; give specs separated by ';'"
+                          + (" or 'none'" if flag == "--baselines" else ""))
+    return specs
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -226,11 +320,17 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Sweep policies and baselines on the same inputs: accuracy or NLL against KV bytes, speed; table and plot."""
+    from kvtool import checks
+    from kvtool.models import _as_dtype
+
     if task not in ("passkey", "nll"):
         raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
-    pols = [p.strip() for p in (policies.split(";") if policies else DEFAULT_BENCH_POLICIES) if p.strip()]
-    base = [] if baselines == "none" else \
-        [b.strip() for b in (baselines.split(";") if baselines else DEFAULT_BASELINES) if b.strip()]
+    lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, decode_steps)
+    if threads is not None:
+        checks.whole("--threads", threads, 1, checks.MAX_THREADS)
+    pols = _spec_list(policies, DEFAULT_BENCH_POLICIES, "--policies")
+    base = [] if baselines is not None and baselines.strip() == "none" else \
+        _spec_list(baselines, DEFAULT_BASELINES, "--baselines")
     if baselines is None and not _has_quanto():
         base = [b for b in base if not b.startswith("quanto:")]
         err.print("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); skipping the quanto baselines")
@@ -238,17 +338,23 @@ def bench(
 
     for spec in base + pols:
         check_spec(spec)
+        if spec != "full" and not spec.startswith(("quanto:", "streaming:", "press:")):
+            _check_policy(spec, "--policies")
     if plot is not None:
         _writable_target(plot)
         if plot.suffix.lower() != ".png":
             raise KvtoolError(f"--plot {plot}: give a .png file name")
+    if profile is not None:
+        checks.profile_file(profile)
+    _as_dtype(dtype)
     _check_backend(backend, device)
-    if threads:
+    _check_task_context(checks.model_context(model), task, lens, context, continuation, decode_steps)
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
-    lens = _int_list(lengths, "--lengths")
+    _check_task_context(_limit(mdl), task, lens, context, continuation, decode_steps)
     data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
     results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps)
     _print(results, f"kvtool bench --task {task}", as_json)

@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import platform
+from collections import abc
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -88,19 +89,54 @@ def _check_positive(name: str, value, fix: str) -> None:
         raise KvtoolError(f"{name} must be a whole number of at least 1 (got {value!r}); {fix}")
 
 
+MAX_SAMPLES = 1_000_000     # per run: samples stream one at a time, but the profile records each one's length
+
+
 def _check_samples(n_samples) -> None:
     if isinstance(n_samples, (int, np.integer)) and not isinstance(n_samples, bool) and n_samples < 1:
         raise KvtoolError(f"zero samples: n_samples must be at least 1 (got {n_samples}); ask for 1 or more samples")
     _check_positive("n_samples", n_samples, "ask for 1 or more samples")
+    if n_samples > MAX_SAMPLES:
+        raise KvtoolError(f"{n_samples} samples is more than one run takes (at most {MAX_SAMPLES}); trace shards of "
+                          "the data and combine them with `kvtool merge`")
 
 
-def _lengths(seq_len: int | Sequence[int], n_samples: int) -> list[int]:
+class SampleStream(abc.Sequence):
+    """`n` samples made one at a time when read (iteration or `[i]`), so memory holds one sample, not all of them.
+
+    `seq_lens` cycles over the samples (sample i has `seq_lens[i % len(seq_lens)]` tokens); `length(i)` reads it
+    without building the sample."""
+
+    def __init__(self, n: int, make: Callable[[int], "Sample"], seq_lens: Sequence[int]):
+        self.n, self.make, self.seq_lens = int(n), make, tuple(int(x) for x in seq_lens)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def length(self, i: int) -> int:
+        return self.seq_lens[i % len(self.seq_lens)]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        j = i + self.n if i < 0 else i
+        if not 0 <= j < self.n:
+            raise IndexError(f"sample {i} of {self.n}")
+        return self.make(j)
+
+    def __iter__(self) -> Iterator["Sample"]:
+        for i in range(self.n):
+            yield self.make(i)
+
+
+def _lengths(seq_len: int | Sequence[int]) -> list[int]:
+    """The cycle of sample lengths (sample i has lens[i % len(lens)] tokens)."""
     lens = [seq_len] if isinstance(seq_len, (int, np.integer)) else list(seq_len)
     if not lens:
         raise KvtoolError("seq_len is an empty list; give one length or a list of lengths in tokens")
     for length in lens:
         _check_positive("seq_len", length, "give the sample length in tokens")
-    return [int(lens[i % len(lens)]) for i in range(n_samples)]
+    return [int(x) for x in lens]
 
 
 def _check_depths(depths: Sequence[float], n_needles: int) -> list[float]:
@@ -168,22 +204,40 @@ def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -
 
 
 def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, n_needles: int = 3,
-                    words_per_needle: int = 8, depths: Sequence[float] | None = None, seed: int = 42) -> list[Sample]:
-    """DuoAttention-style passkey samples of exactly `seq_len` tokens (a list of lengths cycles over samples)."""
+                    words_per_needle: int = 8, depths: Sequence[float] | None = None,
+                    seed: int = 42) -> SampleStream:
+    """DuoAttention-style passkey samples of exactly `seq_len` tokens (a list of lengths cycles over samples).
+
+    The samples are made one at a time as they are read (a SampleStream), so any number of them takes the memory
+    of one. The layout is checked on the first samples here; a later sample too short for its needles (seq_len
+    barely above the minimum and longer passkey words) raises the same error when it is made."""
     _check_samples(n_samples)
     _check_positive("n_needles", n_needles, "use 1 or more needles")
     _check_positive("words_per_needle", words_per_needle, "use 1 or more words per passkey")
     fixed_depths = None if depths is None else _check_depths(depths, n_needles)
     head = _bos(tokenizer) + _encode(tokenizer, INTRO)
-    plans = [_plan(tokenizer, i, L, seed, n_needles, words_per_needle, fixed_depths, len(head))
-             for i, L in enumerate(_lengths(seq_len, n_samples))]
-    short = [p for p in plans if p.hay_len < 0]
-    if short:
-        need = max(p.fixed for p in plans)
-        raise KvtoolError(f"seq_len {short[0].seq_len} is too short for the passkey layout: intro + {n_needles} "
-                          f"needles + answers need at least {need} tokens; raise seq_len or use fewer needles/words")
-    hay = _haystack_ids(tokenizer, max(p.hay_len for p in plans))
-    return [_assemble(p, head, hay, i, seed) for i, p in enumerate(plans)]
+    lens = _lengths(seq_len)
+
+    def plan(i: int) -> _Plan:
+        return _plan(tokenizer, i, lens[i % len(lens)], seed, n_needles, words_per_needle, fixed_depths, len(head))
+
+    def refuse(plans: list[_Plan]) -> None:
+        short = [p for p in plans if p.hay_len < 0]
+        if short:
+            need = max(p.fixed for p in plans)
+            raise KvtoolError(f"seq_len {short[0].seq_len} is too short for the passkey layout: intro + {n_needles} "
+                              f"needles + answers need at least {need} tokens; raise seq_len or use fewer "
+                              "needles/words")
+
+    refuse([plan(i) for i in range(min(int(n_samples), 16))])
+    hay = _haystack_ids(tokenizer, max(lens))        # every window fits: a haystack is shorter than its sample
+
+    def make(i: int) -> Sample:
+        p = plan(i)
+        refuse([p])
+        return _assemble(p, head, hay, i, seed)
+
+    return SampleStream(n_samples, make, lens)
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -242,6 +296,8 @@ def _jsonl_text(raw: str, path: Path, sep: str) -> str:
 def _read_text(path: Path, sep: str) -> str:
     if not path.exists():
         raise KvtoolError(f"no such data file: {path}; give 'passkey' or an existing .txt / .jsonl file")
+    if path.is_dir():
+        raise KvtoolError(f"cannot read data file {path}: it is a directory; give a .txt or .jsonl file")
     ext = path.suffix.lower()
     if ext not in (".txt", ".jsonl"):
         raise KvtoolError(f"unsupported data file type '{path.suffix}' ({path}); use a .txt or .jsonl file")
@@ -254,24 +310,47 @@ def _read_text(path: Path, sep: str) -> str:
     return raw if ext == ".txt" else _jsonl_text(raw, path, sep)
 
 
-def text_file_samples(path: str | os.PathLike, tokenizer, seq_len: int, n_samples: int | None = None) -> list[Sample]:
-    """Consecutive non-overlapping `seq_len`-token windows of a .txt / .jsonl file (BOS first, if any)."""
+def text_file_samples(path: str | os.PathLike, tokenizer, seq_len: int,
+                      n_samples: int | None = None) -> SampleStream:
+    """Consecutive non-overlapping `seq_len`-token windows of a .txt / .jsonl file (BOS first, if any); each window
+    becomes a Sample when it is read (a SampleStream)."""
     if n_samples is not None:
         _check_samples(n_samples)
     bos = _bos(tokenizer)
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= len(bos):
         raise KvtoolError(f"seq_len must be a whole number above {len(bos)} (got {seq_len!r}); give the length in tokens")
     text = _read_text(Path(path), getattr(tokenizer, "eos_token", None) or "\n\n")
-    ids = _encode(tokenizer, text)
+    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.int64)                 # [N] the whole file
     width = int(seq_len) - len(bos)
-    n_win = len(ids) // width
+    n_win = ids.numel() // width
     if n_win == 0:
-        raise KvtoolError(f"data file {path} has only {len(ids)} tokens, too few for one sample of {seq_len} tokens; "
-                          "use a longer file or a smaller seq_len")
+        raise KvtoolError(f"data file {path} has only {ids.numel()} tokens, too few for one sample of {seq_len} "
+                          "tokens; use a longer file or a smaller seq_len")
     take = n_win if n_samples is None else min(n_samples, n_win)
-    empty = torch.zeros((0, 2), dtype=torch.int64)  # copy_pairs: [0, 2]
-    return [Sample(torch.tensor(bos + ids[i * width:(i + 1) * width], dtype=torch.int64), empty.clone(), [], [],
-                   {"kind": "text", "source": os.fspath(path), "window": i}) for i in range(take)]
+    head = torch.tensor(bos, dtype=torch.int64)
+
+    def make(i: int) -> Sample:
+        return Sample(torch.cat([head, ids[i * width:(i + 1) * width]]),           # input_ids: [seq_len]
+                      torch.zeros((0, 2), dtype=torch.int64), [], [],            # copy_pairs: [0, 2]
+                      {"kind": "text", "source": os.fspath(path), "window": i})
+
+    return SampleStream(take, make, [int(seq_len)])
+
+
+def check_data(data: str | None, seq_len: int) -> None:
+    """Refuse a data file that cannot give one sample, without a tokenizer (before any model is loaded): missing,
+    wrong type, unreadable, not UTF-8, malformed JSONL, no text, or fewer bytes than one sample has tokens (a token
+    holds at least one byte of text). The exact token count is checked again when the samples are made."""
+    if _is_passkey(data):
+        return
+    path = Path(data)
+    text = _read_text(path, "\n\n")
+    if not text.strip():
+        raise KvtoolError(f"data file {path} has no text; give a .txt file or .jsonl lines of {{\"text\": ...}}")
+    size = len(text.encode("utf-8"))
+    if size + 2 < seq_len:          # + 2: a leading BOS and a tokenizer's lone prefix-space token
+        raise KvtoolError(f"data file {path} has only {size} bytes of text, too few for one sample of {seq_len} "
+                          "tokens; use a longer file or a smaller seq_len")
 
 
 def _is_passkey(data: str | None) -> bool:
@@ -279,7 +358,7 @@ def _is_passkey(data: str | None) -> bool:
 
 
 def load_samples(data: str | None, tokenizer, n_samples: int, seq_len: int, *, seed: int = 42,
-                 **passkey_kwargs) -> list[Sample]:
+                 **passkey_kwargs) -> SampleStream:
     """data None or "passkey" -> passkey_samples; otherwise a path to .txt or .jsonl -> text_file_samples."""
     _check_samples(n_samples)
     if _is_passkey(data):

@@ -14,7 +14,7 @@ Fields (comma-separated `key=value`, every field optional):
   kclip     quantile of the calibrated per-channel key range: 1 (min..max), 0.999 (default), 0.995, 0.99
   outliers  `on`: key elements outside the clipped range are stored exactly (sparse, 16 bits); `off` clamps them
   codebook  `uniform` (default) or `kmeans` (non-uniform levels from `kvtool calibrate --method kvquant`)
-  vgroup    channels per value scale group (per token); default 32
+  vgroup    channels per value scale group (per token), a divisor of head_dim; default 32 (head_dim if narrower)
   dtype     storage of the unquantized parts: `auto` (16 bits: the model's dtype if it is 16-bit, else float16),
             `model` (exactly the model's dtype), `fp16`, `bf16`, `fp32`
 """
@@ -165,13 +165,17 @@ def _heads(value: str, default_method: str | None) -> dict:
         if len(parts) > 1:
             raise KvtoolError(f"policy field 'heads': {name!r} takes no fraction")
         return {"heads": name}
-    if name[0].isdigit() or name[0] == ".":                              # heads=0.5: the profile's own method
+    if name[0].isdigit() or name[0] in ".-+":                           # heads=0.5: the profile's own method
         if len(parts) > 1:
             raise KvtoolError(f"policy field 'heads': {value!r} has too many ':' parts")
+        fraction = _fraction(name)
         if default_method is None:
             raise KvtoolError("policy field 'heads': a bare fraction needs a profile with a calibrated method "
                               "(or name one, e.g. heads=duo:0.5)")
-        return {"heads": default_method, "fraction": _fraction(name)}
+        return {"heads": default_method, "fraction": fraction}
+    if not name.isidentifier():
+        raise KvtoolError(f"policy field 'heads': {name!r} is neither a fraction nor a method name (give all, none, "
+                          "a fraction, <method>, <method>:<fraction> or random:<fraction>)")
     out = {"heads": name}
     if len(parts) > 1:
         out["fraction"] = _fraction(parts[1])
@@ -180,6 +184,8 @@ def _heads(value: str, default_method: str | None) -> dict:
             raise KvtoolError("policy field 'heads': random needs a fraction, e.g. heads=random:0.5")
         if len(parts) > 2:
             out["seed"] = _count("heads seed", parts[2], least=0)
+            if out["seed"] > 2**63 - 1:
+                raise KvtoolError(f"policy field 'heads': random seed {out['seed']} is above 2**63 - 1")
     elif len(parts) > 2:
         raise KvtoolError(f"policy field 'heads': {value!r} has too many ':' parts")
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvtool import quant
@@ -57,10 +59,14 @@ def _key_formats(model, profile, policy, dims, retrieval) -> list[KeyFormat]:
 
 
 def _value_formats(profile, policy, dims, retrieval) -> list[ValueFormat]:
-    group = min(policy.vgroup, dims.head_dim)
-    if dims.head_dim % group or dims.head_dim % 8:
-        raise KvtoolError(f"policy vgroup={policy.vgroup} does not divide head_dim {dims.head_dim} "
-                          "(or head_dim is not a multiple of 8)")
+    default = type(policy)().vgroup
+    # the default group narrows to a narrower head; a vgroup the user chose must divide head_dim exactly
+    group = dims.head_dim if policy.vgroup == default and dims.head_dim < default else policy.vgroup
+    if dims.head_dim % group:
+        raise KvtoolError(f"policy vgroup={policy.vgroup} does not divide head_dim {dims.head_dim}; use a divisor "
+                          f"of {dims.head_dim} such as {math.gcd(dims.head_dim, 32)}")
+    if dims.head_dim % 8:
+        raise KvtoolError(f"head_dim {dims.head_dim} is not a multiple of 8; values cannot be packed")
     levels = _codebook(profile, "value", policy.v, policy)
     return [ValueFormat(policy.v, group, None if levels is None else levels[layer, retrieval[layer].nonzero().view(-1)])
             for layer in range(dims.layers)]

@@ -1,0 +1,91 @@
+"""Checks the commands run on their options before loading a model (a load takes 5-30 s): every refusal here is a
+one-line KvtoolError, and none of them needs the model's weights.
+
+`model_context` reads a model's maximum positions from its config alone (a local directory, an HF id in the local
+cache, or a GGUF already converted into kvtool's cache); where that is not possible it returns None and the command
+checks the same lengths right after loading, before any forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvtool.errors import KvtoolError
+
+MAX_SEED = 2**63 - 1                     # numpy and torch generators both take 0 .. 2**63 - 1
+MAX_THREADS = 1024
+MAX_NLL_TOKENS = 1 << 24                 # samples x (context + continuation) cut from the built-in text
+
+
+def whole(flag: str, value: int, least: int = 1, most: int | None = None) -> int:
+    """Refuse an integer option outside [least, most]."""
+    if value < least or (most is not None and value > most):
+        span = f"at least {least}" if most is None else f"from {least} to {most}"
+        raise KvtoolError(f"{flag} must be {span} (got {value})")
+    return value
+
+
+def seed(value: int, flag: str = "--seed") -> int:
+    return whole(flag, value, 0, MAX_SEED)
+
+
+def samples(value: int, flag: str = "--samples") -> int:
+    """A sample count: at least 1 and at most kvtool.data.MAX_SAMPLES (samples stream; merge shards beyond)."""
+    from kvtool.data import MAX_SAMPLES
+
+    if value < 1:
+        raise KvtoolError(f"zero samples: {flag} must be at least 1 (got {value})")
+    if value > MAX_SAMPLES:
+        raise KvtoolError(f"{flag} {value} is more than one run takes (at most {MAX_SAMPLES}); trace shards of the "
+                          "data and combine them with `kvtool merge`")
+    return value
+
+
+def model_context(model: str | None) -> int | None:
+    """The model's maximum positions from its config, without loading weights; None when only a load can tell."""
+    try:
+        from transformers import AutoConfig
+
+        from kvtool import models
+
+        if model is None or str(model).endswith(".gguf"):
+            gguf = models.embedded_gguf_path() if model is None else Path(model)
+            if not gguf.is_file():
+                return None
+            where = models.cache_dir() / "models" / f"{gguf.stem}-{models._gguf_key(gguf)}"   # converted copy
+            if not (where / "config.json").is_file():
+                return None
+        else:
+            where = model
+        cfg = AutoConfig.from_pretrained(where, local_files_only=True)
+        limit = getattr(cfg.get_text_config(), "max_position_embeddings", None)
+        return int(limit) if limit else None
+    except Exception:           # unknown here: the load reports a bad model, and the lengths are checked after it
+        return None
+
+
+def context(limit: int | None, tokens: int, what: str) -> None:
+    """Refuse `tokens` positions beyond the model's context `limit` (None: unknown, nothing to check)."""
+    if limit is not None and tokens > limit:
+        raise KvtoolError(f"{what} is beyond the model's context of {limit} tokens")
+
+
+def profile_file(path: str | os.PathLike) -> Path:
+    """Refuse a --profile that is missing, not a file, or not a kvtool profile, from its header alone."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise KvtoolError(f"profile {path} does not exist")
+    if not path.is_file():
+        raise KvtoolError(f"profile {path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None
+    if "kvtool.format_version" not in meta:
+        raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
+    return path
