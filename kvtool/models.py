@@ -10,6 +10,7 @@ weights, config and tokenizer to an on-disk cache (safetensors) and later loads 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -58,14 +59,38 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     that is already in the local HF cache. dtype: a torch dtype or its name ("float32", "bfloat16", "float16").
     """
     dtype = _as_dtype(dtype)
-    if name_or_path is None:
-        model, tok = _load_embedded(dtype)
-    else:
-        model, tok = _load_named(str(name_or_path), dtype)
+    with _quiet_loading():
+        if name_or_path is None:
+            model, tok = _load_embedded(dtype)
+        else:
+            model, tok = _load_named(str(name_or_path), dtype)
     model.eval()
     model.to(device)
     model.kvtool_name = EMBEDDED_NAME if name_or_path is None else str(name_or_path)
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No progress bars while loading: transformers' "Loading weights" bar (its own switch, restored afterwards)
+    and the GGUF reader's plain tqdm bar "Converting and de-quantizing GGUF tensors"."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
