@@ -76,7 +76,16 @@ def test_profile_inspect_merge_roundtrip(capsys, tiny_dir, tmp_path):
     assert summary["samples"] == 2 and summary["kv_heads"] == 4 and a.is_file()
     assert run(capsys, "profile", tiny_dir, *FAST, "--seed", "2", "-o", b)[0] == 0
     code, out, err = run(capsys, "merge", a, b, "-o", m)
-    assert code == 0, err and "4 samples" in out
+    assert code == 0, err
+    assert "4 samples" in out and "seeds 1, 2" in out
+    for twice in ([a, a], [a, tmp_path / "." / "a.kv.st"]):                  # the same file twice: refused
+        code, _, err = run(capsys, "merge", *twice, "-o", tmp_path / "twice.kv.st")
+        assert_one_line_error(code, err, "is given twice")
+    c = tmp_path / "c.kv.st"
+    c.write_bytes(a.read_bytes())                                             # a copy: the same samples again
+    code, _, err = run(capsys, "merge", a, b, c, "-o", tmp_path / "twice.kv.st")
+    assert_one_line_error(code, err, f"{c} has the same statistics as {a}")
+    assert not (tmp_path / "twice.kv.st").exists()
     png = tmp_path / "heads.png"
     code, out, err = run(capsys, "inspect", m, "--plot", png, "--json")
     assert code == 0, err
@@ -167,3 +176,29 @@ def test_calibrate_bad_input(capsys, tmp_path, args, needle):
     code, _, err = run(capsys, "calibrate", *args, "-o", tmp_path / "x.kv.st")
     assert_one_line_error(code, err, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["profile", "inspect", "merge", "calibrate", "run", "bench"])
+def test_help_shows_no_bool_metavar_and_every_option_has_help(command):
+    """Flags show no `<bool>`, and every option says what it does (typer's rich help, 200 columns)."""
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "kvtool", command, "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "<bool>" not in proc.stdout and "--help" in proc.stdout
+    from kvtool.cli import app
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands[command]
+    missing = [p.name for p in cmd.params if not getattr(p, "help", None)]
+    assert missing == [], f"{command}: options without help text: {missing}"
+
+
+def test_default_profile_name_is_not_the_shipped_one():
+    from kvtool.cli import _default_output
+    from kvtool.cli_run import SHIPPED
+
+    assert _default_output(None) == Path("smollm2.kv.st") != Path(SHIPPED[None])
+    assert _default_output(None, "razor") == Path("smollm2.razor.kv.st")
+    assert _default_output("/models/Llama-3.1-8B/") == Path("llama-3.1-8b.kv.st")
+    assert _default_output("x/model.Q4.gguf") == Path("model.q4.kv.st")
