@@ -161,6 +161,17 @@ def test_calibrate_commands(capsys, tiny_dir, tmp_path):
     assert json.loads(out)["retrieval_heads"] == 1 and json.loads(out)["output"] == str(prof)   # refined in place
     code, out, _ = run(capsys, "inspect", prof, "--json")
     assert json.loads(out)["methods"]["razor"]["retrieval_heads"] == 1
+    # retrieval reuses the profile's passkey trace and says which data that was ...
+    code, out, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--profile", prof, "--json")
+    assert code == 0, err
+    assert "using the copy scores of" in err and "(2 samples of 96 tokens)" in err
+    code, out, _ = run(capsys, "inspect", prof, "--json")
+    assert code == 0 and "retrieval" in json.loads(out)["methods"]
+    # ... while --samples / --seq-len trace new samples (a random model recalls none of the passkeys: one-line error)
+    before = prof.read_bytes()
+    code, _, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--profile", prof, "--seq-len", "256")
+    assert_one_line_error(code, err, "recalled none of the passkeys")
+    assert prof.read_bytes() == before
     # a random model recalls no passkey: no copy score can exist, and it says so
     code, _, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--samples", "2", "--seq-len", "256",
                        "-o", tmp_path / "r.kv.st")
