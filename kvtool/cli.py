@@ -154,8 +154,10 @@ def profile(
         print(json.dumps(summary, indent=2))
         return
     table = Table(title="kvtool profile", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")                          # a fingerprint or a long path: folded, never cut
     for k, v in summary.items():
-        table.add_row(k, str(v))
+        table.add_row(k, Text(str(v)))
     out.print(table)
     out.print(f"Next: [bold]kvtool inspect {escape(str(path))}[/] (add --plot heads.png for heatmaps)")
 
