@@ -301,7 +301,7 @@ def calibrate(
             (options["samples"] + mdl.config.get_text_config().num_hidden_layers) if method == "kvquant" else 1
         task = bar.add_task(f"calibrate {method}", total=total, info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
-                               on_progress=lambda i, info="": bar.update(task, completed=i, info=info))
+                               on_progress=lambda i, info="": bar.update(task, completed=i, info=escape(info)))
     prof.save(path)
     record = prof.calibration["methods"][method]
     if method == "kvquant":

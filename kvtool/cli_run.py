@@ -63,7 +63,7 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
     with _progress() as bar:
         job = bar.add_task(f"{task}", total=len(specs), info="")
         for spec in specs:
-            bar.update(job, info=spec)
+            bar.update(job, info=escape(spec))             # the bar renders markup
             if task == "passkey":
                 results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
             else:
