@@ -5,7 +5,8 @@ On needle samples, while the model (teacher-forced) produces each answer token, 
 top-attended token is a needle token equal to the token being produced; the score is hits / answer tokens, over the
 samples whose answers the model recalls (> 50% of answer tokens predicted). Heads above `threshold` (0.1 in the
 paper) are retrieval heads. The score comes from kvtool's trace (`heads.retrieval_score`, already the max over each
-KV group); an existing profile traced on passkey data is reused instead of tracing again.
+KV group); an existing profile traced on passkey data is reused instead of tracing again, unless `reuse=False`
+(the CLI sets it when --samples or --seq-len is given: then new passkey samples are traced with those).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class Retrieval:
     seq_len: int = 1024
     needles: int = 3
     seed: int = 42
+    reuse: bool = True
+
+    def reuses(self, profile) -> bool:
+        """True when the copy scores come from `profile`'s own passkey trace (nothing is traced)."""
+        return self.reuse and profile is not None and "heads.retrieval_score" in profile \
+            and profile.calibration.get("data", {}).get("kind") == "passkey"
 
     def run(self, model, tokenizer, profile=None, fraction: float | None = None, on_progress=None) -> HeadsResult:
         score, source = self._scores(model, tokenizer, profile, on_progress)
@@ -34,11 +41,12 @@ class Retrieval:
         params = {"threshold": self.threshold, "source": source, "fraction": fraction}
         if source == "trace":
             params.update(samples=self.samples, seq_len=self.seq_len, needles=self.needles, seed=self.seed)
+        else:
+            params.update(samples=profile.calibration.get("samples"), lengths=profile.calibration.get("lengths"))
         return HeadsResult("retrieval", {"score": score, "mask": mask}, params)
 
     def _scores(self, model, tokenizer, profile, on_progress):
-        if profile is not None and "heads.retrieval_score" in profile \
-                and profile.calibration.get("data", {}).get("kind") == "passkey":
+        if self.reuses(profile):
             return profile["heads.retrieval_score"].float(), "profile"
         from kvtool.api import check_lengths
         from kvtool.data import passkey_samples

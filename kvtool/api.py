@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import time
+
+import torch
 
 from kvtool import __version__
 from kvtool.errors import KvtoolError
@@ -72,28 +75,69 @@ def stats_of(profile: Profile) -> TraceStats:
     return TraceStats.from_state(profile.tensors, TraceConfig.from_dict(trace_cfg), dims)
 
 
-def merge_profiles(*profiles: Profile) -> Profile:
+def _stats_digest(profile: Profile) -> str:
+    """sha256 of a profile's raw statistics: two shards with equal statistics traced the same data."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in profile.tensors if k.startswith("stats.")):
+        t = profile.tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def merge_profiles(*profiles: Profile, names: list[str] | None = None) -> Profile:
     """Merge profiles traced on disjoint shards of data (same model, same settings) into one.
 
     The result equals the profile of all the data traced at once (see TraceStats for the float tolerance). Only
     the trace is merged: calibration sections (`heads.<method>.*`) are not carried over; calibrate the merged profile.
+    Refused: fewer than two shards, the same statistics twice (the same file, or the same samples traced twice),
+    other models, other trace settings, other sample lengths, NaN in the raw statistics. `names` (file names) only
+    label the errors.
     """
     if len(profiles) < 2:
         raise KvtoolError("give at least two profiles to merge")
+    names = list(names) if names is not None else [f"profile {i + 1}" for i in range(len(profiles))]
     first = profiles[0]
-    stats = stats_of(first)
-    for p in profiles[1:]:
+    for p, name in zip(profiles, names):
         if p.model.get("fingerprint") != first.model.get("fingerprint"):
             raise KvtoolError("cannot merge profiles of different models (fingerprints differ)")
-        stats.merge(stats_of(p))
+        trace = p.calibration.get("methods", {}).get("trace") or {}
+        ref = first.calibration.get("methods", {}).get("trace") or {}
+        differ = [f"{k} {trace.get(k)} vs {ref.get(k)}" for k in sorted(set(trace) | set(ref)) if trace.get(k) != ref.get(k)]
+        if differ:
+            raise KvtoolError(f"cannot merge profiles traced with different settings ({name} vs {names[0]}: "
+                              f"{'; '.join(differ)})")
+        lengths = sorted(set(p.calibration.get("lengths", [])))
+        if lengths != sorted(set(first.calibration.get("lengths", []))):
+            raise KvtoolError(f"cannot merge shards of different sequence lengths: {name} has samples of "
+                              f"{_lengths(lengths)} tokens, {names[0]} of "
+                              f"{_lengths(sorted(set(first.calibration.get('lengths', []))))}")
+        for key, t in p.tensors.items():
+            if key.startswith("stats.") and t.is_floating_point() and bool(torch.isnan(t).any()):
+                raise KvtoolError(f"cannot merge {name}: its raw statistic {key} contains NaN")
+    all_stats = [stats_of(p) for p in profiles]          # a profile without raw statistics: refused here
+    digests = [_stats_digest(p) for p in profiles]
+    for j, d in enumerate(digests):
+        if d in digests[:j]:
+            raise KvtoolError(f"{names[j]} has the same statistics as {names[digests.index(d)]} (the same samples "
+                              "traced twice); merging them would count that data twice")
+    stats = all_stats[0]
+    for other in all_stats[1:]:
+        stats.merge(other)
     datas = [p.calibration.get("data") for p in profiles]
     calibration = dict(first.calibration)
+    calibration.pop("seed", None)
     calibration.update(samples=stats.samples, merged_from=len(profiles),
+                       seeds=[s for p in profiles for s in p.calibration.get("seeds", [p.calibration.get("seed")])],
                        lengths=[n for p in profiles for n in p.calibration.get("lengths", [])],
                        trace_seconds=round(sum(p.calibration.get("trace_seconds", 0.0) for p in profiles), 2),
                        data=datas[0] if all(d == datas[0] for d in datas) else {"kind": "merged", "parts": datas},
                        methods={"trace": first.calibration["methods"]["trace"]})
     return build_profile(stats, dict(first.model), calibration)
+
+
+def _lengths(values: list[int]) -> str:
+    return ", ".join(map(str, values)) or "unknown"
 
 
 def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, fraction: float | None = None,

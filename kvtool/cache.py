@@ -11,6 +11,8 @@ held. The registered `"kvtool"` attention function reads the stores through the 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -346,6 +348,18 @@ def use_kvtool_attention(model) -> None:
 
 
 @torch.inference_mode()
+@functools.lru_cache(maxsize=None)
+def _cache_arg(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands `cache` to `model(...)` / `model.generate(...)`: `cache=` where the installed
+    transformers names it so (5.24 warns that `past_key_values=` is deprecated), else `past_key_values=`."""
+    return {_cache_arg(type(model)): cache}
+
+
 def prefill(model, input_ids: torch.Tensor, cache: CompressedCache, chunk: int = 512) -> torch.Tensor:
     """Run a prompt [B, T] through the model in chunks (with a CompressedCache the full 16-bit cache never exists at
     once; any other cache works too); returns the last position's logits [B, V]."""
@@ -357,6 +371,6 @@ def prefill(model, input_ids: torch.Tensor, cache: CompressedCache, chunk: int =
     logits = None
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start:start + chunk]
-        out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=piece, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
     return logits

@@ -53,7 +53,7 @@ def model_context(model: str | None) -> int | None:
             gguf = models.embedded_gguf_path() if model is None else Path(model)
             if not gguf.is_file():
                 return None
-            where = models.cache_dir() / "models" / f"{gguf.stem}-{models._gguf_key(gguf)}"   # converted copy
+            where = models.cache_entry(gguf)                                       # the converted copy
             if not (where / "config.json").is_file():
                 return None
         else:

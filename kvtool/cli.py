@@ -16,11 +16,31 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from kvtool.errors import KvtoolError
-from kvtool.textsafe import shown
+from kvtool.textsafe import plain, shown
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+def _bare_flags(params):
+    """typer shows every option's type (`<int>`, `<path>`); a flag takes no value, so it shows none."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _bare_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _bare_flags(super().get_params(ctx))
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline KV-cache profiling and calibration for LLMs.")
 out = Console(highlight=False, emoji=False)          # emoji=False: `streaming:-1:5` is text, not an emoji code
 err = Console(stderr=True, highlight=False, emoji=False)
@@ -113,12 +133,14 @@ def _progress() -> Progress:
                     console=err, transient=True)
 
 
-def _default_output(model: Optional[str]) -> Path:
-    stem = "smollm2-135m-instruct" if model is None else Path(model.rstrip("/")).name.lower()
-    return Path(f"{stem}.kv.st")
+def _default_output(model: Optional[str], method: Optional[str] = None) -> Path:
+    """`smollm2.kv.st` for the embedded model (not the shipped profile's name, so the two are never confused),
+    else `<model directory or file stem>.kv.st`; a calibration without --profile adds `.<method>`."""
+    stem = "smollm2" if model is None else Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
+    return Path(f"{stem}.{method}.kv.st" if method else f"{stem}.kv.st")
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
     model: Optional[str] = typer.Argument(None, help="HF model id (already cached), local directory or .gguf; default: the embedded SmolLM2-135M-Instruct."),
     data: Optional[str] = typer.Option(None, "--data", help="'passkey' (built-in synthetic needles) or a .txt / .jsonl file."),
@@ -128,10 +150,10 @@ def profile(
     sink: int = typer.Option(64, "--sink", help="Sink tokens for the streaming statistics."),
     recent: int = typer.Option(256, "--recent", help="Recent window for the streaming statistics."),
     query_samples: int = typer.Option(128, "--query-samples", help="Queries per sample whose attention rows are traced (0 = all)."),
-    seed: int = typer.Option(42, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    seed: int = typer.Option(42, "--seed", help="Random seed of the built-in passkey samples (needles, keys, haystack windows)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Leave out raw statistics (smaller file; cannot be merged)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: <model>.kv.st)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: smollm2.kv.st for the embedded model, else <model>.kv.st)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Trace MODEL on calibration data in one pass and write a .kv.st profile."""
@@ -173,10 +195,17 @@ def profile(
         print(json.dumps(summary, indent=2))
         return
     table = Table(title="kvtool profile", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")                          # a fingerprint or a long path: folded, never cut
     for k, v in summary.items():
-        table.add_row(k, shown(v))
+        table.add_row(k, Text(str(v)))
     out.print(table)
     out.print(f"Next: [bold]kvtool inspect {shown(path)}[/] (add --plot heads.png for heatmaps)")
+
+
+def _lengths(lengths) -> str:
+    distinct = sorted(set(lengths or []))
+    return "/".join(map(str, distinct)) if distinct else "?"
 
 
 def _head_counts(prof) -> dict:
@@ -185,7 +214,7 @@ def _head_counts(prof) -> dict:
             "mean_streaming_mass": round(stream.mean().item(), 4)}
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
     top: int = typer.Option(10, "--top", help="Rows per table."),
@@ -227,23 +256,25 @@ def inspect(
 
 
 def _table(title: str, rows: list[dict]) -> Table:
+    """Cells are plain text (never markup, control characters shown) and are folded onto more lines, never cut,
+    when the terminal (or a pipe, 80 columns) is too narrow: two long policy names always stay distinguishable."""
     table = Table(title=shown(title), title_justify="left")
     for col in rows[0]:
-        table.add_column(shown(col), justify="right")
+        table.add_column(shown(col), justify="left" if col == "cache" else "right", overflow="fold")
     for r in rows:
-        table.add_row(*(shown(v) for v in r.values()))
+        table.add_row(*(Text(plain(v)) for v in r.values()))
     return table
 
 
-@app.command()
+@app.command(cls=_Command)
 def calibrate(
     method: str = typer.Option(..., "--method", "-m", help="retrieval, razor or duo (classify KV heads) or kvquant (k-means quantization levels)."),
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
     profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; kvquant needs one)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else <model>.kv.st)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else smollm2.<method>.kv.st for the embedded model, <model>.<method>.kv.st for another)."),
     fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help="Keep this fraction of KV heads as retrieval heads (global quantile of the score) instead of the method's own rule."),
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help="retrieval: passkey samples (default 8); kvquant: calibration samples (default 4)."),
-    seq_len: int = typer.Option(1024, "--seq-len", "-L", help="retrieval, kvquant: tokens per sample."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-L", help="retrieval, kvquant: tokens per sample (default 1024). retrieval with a --profile traced on passkey data reuses its copy scores unless --samples or --seq-len is given."),
     data: Optional[str] = typer.Option(None, "--data", help="kvquant: 'passkey' (built-in, the default) or a .txt / .jsonl file."),
     bits: str = typer.Option("2,3,4", "--bits", help="kvquant: bit widths to learn levels for, comma-separated (2, 3, 4, 8)."),
     kclip: float = typer.Option(0.999, "--kclip", help="kvquant: key range quantile level (1 = min..max; 0.999, 0.995, 0.99); the runtime's kclip must match."),
@@ -255,12 +286,14 @@ def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="duo: checkpoint file, written every --checkpoint-every steps."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="duo: steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="duo: continue from --checkpoint exactly where it stopped."),
-    dtype: str = typer.Option("float32", "--dtype"),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Calibrate one method and write its section: KV heads as retrieval (whole context) or streaming (sink + recent)
-    to heads.<method>.* (retrieval, razor, duo), or k-means quantization levels for keys and values to quant.*
-    (kvquant; use them with the run policy codebook=kmeans)."""
+    """Calibrate one method and write its section into a profile.
+
+    retrieval, razor, duo: classify KV heads as retrieval (whole context) or streaming (sink + recent) into
+    heads.<method>.*; kvquant: k-means quantization levels for keys and values into quant.* (use them with the run
+    policy codebook=kmeans)."""
     import calibrate as registry
     from calibrate.heads import check_fraction
     from kvtool import checks
@@ -272,10 +305,12 @@ def calibrate(
     registry.get(method)                                       # unknown method: fail before loading anything
     if fraction is not None:
         check_fraction(fraction)
-    path = _writable_target(output or profile_in or _default_output(model))
+    path = _writable_target(output or profile_in or _default_output(model, method))
     _as_dtype(dtype)
     if samples is not None:
         checks.samples(samples)
+    explicit = samples is not None or seq_len is not None
+    seq_len = 1024 if seq_len is None else seq_len
     if method in ("retrieval", "kvquant"):
         checks.whole("--seq-len", seq_len, 2)
         checks.context(checks.model_context(model), seq_len, f"--seq-len {seq_len}")
@@ -304,7 +339,7 @@ def calibrate(
             preset = "paper" if torch.cuda.is_available() else "cpu"
             err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
         duo_steps = registry.get("duo").from_preset(preset, **duo).steps   # bad settings: fail before loading
-    options = {"retrieval": {"samples": 8 if samples is None else samples, "seq_len": seq_len},
+    options = {"retrieval": {"samples": 8 if samples is None else samples, "seq_len": seq_len, "reuse": not explicit},
                "razor": {"probe_len": probe_len}, "duo": {"preset": preset, **duo}}.get(method, {})
     if method == "kvquant":
         if fraction is not None:
@@ -323,13 +358,18 @@ def calibrate(
     with err.status("Loading model"):
         mdl, tok = load_model(model, dtype=dtype)
         base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
+    if method == "retrieval" and registry.get(method)(**options).reuses(base):
+        c = base.calibration
+        err.print(f"retrieval: using the copy scores of {shown(profile_in)}'s passkey trace ({c.get('samples')} "
+                  f"samples of {_lengths(c.get('lengths'))} tokens); give --samples / --seq-len to trace new passkey "
+                  "samples instead", soft_wrap=True)
     with _progress() as bar:
         total = options["samples"] if method == "retrieval" else \
             duo_steps if method == "duo" else \
             (options["samples"] + mdl.config.get_text_config().num_hidden_layers) if method == "kvquant" else 1
         task = bar.add_task(f"calibrate {method}", total=total, info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
-                               on_progress=lambda i, info="": bar.update(task, completed=i, info=info))
+                               on_progress=lambda i, info="": bar.update(task, completed=i, info=shown(info)))
     prof.save(path)
     record = prof.calibration["methods"][method]
     if method == "kvquant":
@@ -355,7 +395,7 @@ def calibrate(
               f"({summary['seconds']} s) -> [bold]{shown(path)}[/]")
 
 
-@app.command()
+@app.command(cls=_Command)
 def merge(
     profiles: list[Path] = typer.Argument(..., help="Profiles of disjoint data shards (same model and settings)."),
     output: Path = typer.Option(..., "--output", "-o", help="Merged profile to write."),
@@ -365,9 +405,17 @@ def merge(
     from kvtool.profile import Profile
 
     path = _writable_target(output)
-    merged = merge_profiles(*(Profile.load(p) for p in profiles))
+    seen: dict[Path, Path] = {}
+    for p in profiles:
+        key = p.resolve()
+        if key in seen:
+            raise KvtoolError(f"{p} is given twice (as {seen[key]} and {p}); each shard counts once")
+        seen[key] = p
+    merged = merge_profiles(*(Profile.load(p) for p in profiles), names=[str(p) for p in profiles])
     merged.save(path)
-    out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples) into [bold]{shown(path)}[/]")
+    out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples, seeds "
+              f"{', '.join(map(str, merged.calibration['seeds']))}) "
+              f"into [bold]{shown(path)}[/]")
 
 
 @app.command("cache")

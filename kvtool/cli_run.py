@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
-from kvtool.cli import _progress, _quiet_libraries, _table, _writable_target, app, err, out
+from kvtool.cli import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.errors import KvtoolError
 from kvtool.textsafe import shown
 
@@ -42,7 +41,7 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
         mdl, tok = load_model(model, dtype=dtype, device=device)
         prof = Profile.load(path, model=mdl) if path is not None else None
     if path is not None and profile is None:
-        err.print(f"Using the shipped profile {path.name}")
+        err.print(f"Using the shipped profile {shown(path.name)}")
     return mdl, tok, prof
 
 
@@ -122,18 +121,53 @@ SHORT = {"x_smaller_than_16bit": "x smaller", "prefill_tok_s": "prefill tok/s", 
          "kv_MiB": "KV MiB", "seconds": "s"}
 
 
+def _vs_full(rows: list[dict]) -> list[dict]:
+    """Rows as the table shows them: short column names and, beside each NLL, its change against the `full` row."""
+    full = next((r for r in rows if r["cache"] == "full" and "nll" in r), None)
+    shown = []
+    for r in rows:
+        row = {}
+        for k, v in r.items():
+            if k in ("task", "samples"):
+                continue
+            row[SHORT.get(k, k)] = v
+            if k == "nll" and full is not None:
+                row["vs full"] = "—" if r is full else f"{100 * (v / full['nll'] - 1):+.1f}%"
+        shown.append(row)
+    return shown
+
+
 def _print(results, title: str, as_json: bool) -> list[dict]:
     rows = [r.row() for r in results]
     if as_json:
         print(json.dumps(rows, indent=2))
     elif rows:
         title += f" ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
-        out.print(_table(title, [{SHORT.get(k, k): v for k, v in r.items() if k not in ("task", "samples")}
-                                 for r in rows]))
+        shown = _vs_full(rows)
+        key = _keyed(shown, out.width)
+        out.print(_table(title, shown))
+        for label, spec in key:
+            out.print(f"{label}  {shown(spec)}", soft_wrap=True)
     return rows
 
 
-@app.command()
+def _keyed(shown: list[dict], width: int) -> list[tuple[str, str]]:
+    """When the cache names do not fit beside the numbers at this width (80 columns when piped), the table names
+    each cache by a number and the full names follow under it, one a line: never cut, never ambiguous."""
+    others = sum(max(len(str(col)), *(len(str(r[col])) for r in shown)) + 3
+                 for col in shown[0] if col != "cache")
+    room = width - others - 4
+    if max(len(r["cache"]) for r in shown) <= max(room, 0):
+        return []
+    key = []
+    for i, r in enumerate(shown):
+        if r["cache"] != "full":
+            key.append((f"#{i}", r["cache"]))
+            r["cache"] = f"#{i}"
+    return key
+
+
+@app.command(cls=_Command)
 def run(
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile (default: the shipped one for the default model)."),
@@ -149,7 +183,7 @@ def run(
     context: int = typer.Option(2048, "--context", help="nll: context tokens compressed into the cache."),
     continuation: int = typer.Option(128, "--continuation", help="nll: teacher-forced tokens scored after the context."),
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="--task: random seed of the passkey keys / the NLL text windows."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto (cupy on CUDA when CuPy works), torch or cupy."),
@@ -184,29 +218,46 @@ def run(
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
         data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
         results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend)
-        _print(results, f"kvtool run --task {task}: full cache vs {escape(spec)}", as_json)
+        _print(results, f"kvtool run --task {task}: full cache vs {shown(spec)}", as_json)
         return
-    result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend)
+    result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend, chunk=chunk)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     out.print(shown(result["text"], newlines=True))
     share = result["kv_bytes"] / max(result["full16_bytes"], 1)
-    err.print(f"policy {shown(spec)}: {result['tokens_seen']} tokens seen; the KV cache holds {result['kv_bytes'] / 2**20:.3f} MiB "
-              f"= {100 * share:.0f}% of a 16-bit full cache ({result['full16_bytes'] / 2**20:.3f} MiB); "
-              f"{result['decode_tok_s']:.1f} tokens/s")
+    err.print(f"policy {shown(spec)}: {result['tokens_seen']} tokens seen; the KV cache holds "
+              f"{result['kv_bytes'] / 2**20:.3f} MiB = {100 * share:.0f}% of a 16-bit full cache "
+              f"({result['full16_bytes'] / 2**20:.3f} MiB); prefill {result['prompt_tokens']} tokens in "
+              f"{result['prefill_seconds']:.2f} s ({result['prefill_tok_s']:.1f} tok/s), decode "
+              f"{result['new_tokens']} tokens at {result['decode_tok_s']:.1f} tok/s", soft_wrap=True)
     if share >= 1:
-        err.print("(short prompts fit in the 16-bit sink and buffer; the savings start past sink + buffer tokens)")
+        err.print(_why_no_saving(Policy.parse(spec, default_method="duo"), result["tokens_seen"]), soft_wrap=True)
+
+
+def _why_no_saving(p, seen: int) -> str:
+    """One plain sentence on why a cache holds as much as a 16-bit full cache."""
+    starts = ([p.sink + p.recent] if p.heads != "all" else []) + ([p.sink + p.buffer] if p.quantized else [])
+    if not starts:
+        return ("Nothing is saved: this policy keeps every head's whole context in 16 bits (no streaming heads, "
+                "k=16, v=16).")
+    return (f"Nothing is saved yet: all {seen} tokens fit in what every head keeps in 16 bits (sink {p.sink} + "
+            f"recent {p.recent} for streaming heads, sink {p.sink} + buffer {p.buffer} for retrieval heads); the "
+            f"cache starts to shrink past {min(starts)} tokens. `kvtool run --task nll` shows bytes and quality side "
+            "by side on long contexts.")
 
 
 def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, chat: bool = True,
-             backend: str = "auto") -> dict:
-    """Generate from `text` with a CompressedCache; the text and the cache's bytes."""
-    import time
+             backend: str = "auto", chunk: int = 512) -> dict:
+    """Generate greedily from `text` with a CompressedCache; the text, the cache's bytes and the two speeds.
 
+    Prefill (every prompt token but the last, in chunks of `chunk`) and decode (`model.generate` from the prefilled
+    cache: the last prompt token, then each new token) are timed apart, so decode tokens/s is not diluted by a long
+    prompt."""
     import torch
 
-    from kvtool.cache import CompressedCache
+    from kvtool.cache import CompressedCache, prefill, with_cache
+    from kvtool.evaluate import Timer
 
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -219,18 +270,23 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise KvtoolError(f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is "
                           f"beyond the model's context of {limit} tokens")
+    ids = ids.to(next(model.parameters()).device)                                  # [1, T]
     cache = CompressedCache(model, profile, policy, backend=backend)
-    start = time.perf_counter()
     with torch.inference_mode():
-        outp = model.generate(ids.to(next(model.parameters()).device), past_key_values=cache, do_sample=False,
-                              max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(ids))
-    seconds = time.perf_counter() - start
+        with Timer() as pre:
+            if ids.shape[1] > 1:
+                prefill(model, ids[:, :-1], cache, chunk)
+        with Timer() as dec:
+            outp = model.generate(ids, **with_cache(model, cache), do_sample=False, max_new_tokens=max_new_tokens,
+                                  attention_mask=torch.ones_like(ids))
     new = outp[0, ids.shape[1]:]
     full16 = cache.full_nbytes(torch.float16)
     return {"policy": policy, "text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
             "new_tokens": int(new.numel()), "tokens_seen": cache.get_seq_length(), "kv_bytes": cache.nbytes(),
             "full16_bytes": full16, "x_smaller_than_16bit": full16 / max(cache.nbytes(), 1),
-            "decode_tok_s": new.numel() / seconds, "seconds": round(seconds, 2)}
+            "prefill_seconds": round(pre.seconds, 3), "prefill_tok_s": (ids.shape[1] - 1) / max(pre.seconds, 1e-9),
+            "decode_seconds": round(dec.seconds, 3), "decode_tok_s": new.numel() / max(dec.seconds, 1e-9),
+            "seconds": round(pre.seconds + dec.seconds, 2)}
 
 
 def _has_quanto() -> bool:
@@ -297,7 +353,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile (default: the shipped one for the default model)."),
@@ -312,8 +368,8 @@ def bench(
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
     decode_steps: int = typer.Option(16, "--decode-steps", help="nll: greedy decode steps timed after each context."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
-    seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the passkey keys / the NLL text windows."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto, torch or cupy."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory vs accuracy / NLL to this PNG."),
@@ -331,9 +387,9 @@ def bench(
     pols = _spec_list(policies, DEFAULT_BENCH_POLICIES, "--policies")
     base = [] if baselines is not None and baselines.strip() == "none" else \
         _spec_list(baselines, DEFAULT_BASELINES, "--baselines")
-    if baselines is None and not _has_quanto():
+    skip_quanto = baselines is None and not _has_quanto()
+    if skip_quanto:
         base = [b for b in base if not b.startswith("quanto:")]
-        err.print("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); skipping the quanto baselines")
     from kvtool.baselines import check_spec
 
     for spec in base + pols:
@@ -349,6 +405,9 @@ def bench(
     _as_dtype(dtype)
     _check_backend(backend, device)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, decode_steps)
+    if skip_quanto:    # a note, not an error: only once every option is known to be good
+        err.print(shown("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); "
+                        "skipping the quanto baselines"), soft_wrap=True)
     if threads is not None:
         import torch
 

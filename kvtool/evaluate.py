@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtool.cache import prefill
+from kvtool.cache import prefill, with_cache
 from kvtool.data import numeric_passkey_prompts, passkey_samples
 from kvtool.errors import KvtoolError
 
@@ -157,7 +157,7 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
             if i + 1 == steps:
                 break
             with m.dec:
-                logits = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[:, -1]
             m.n_dec += 1
         hits.append(answer in tokenizer.decode(got))
         m.held(cache)
@@ -182,7 +182,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
             last = prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
         m.n_pre += context.numel()
         cont = cont.to(dev)
-        logits = model(input_ids=cont[:-1].view(1, -1), past_key_values=cache, use_cache=True).logits[0]
+        logits = model(input_ids=cont[:-1].view(1, -1), **with_cache(model, cache), use_cache=True).logits[0]
         logits = torch.cat([last, logits], 0).float()                                       # [N, V]
         total_nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
         total_tok += cont.numel()
@@ -190,7 +190,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
         token = logits[-1].argmax().view(1, 1)
         for _ in range(decode_steps):
             with m.dec:
-                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                token = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             m.n_dec += 1
     return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1))
 

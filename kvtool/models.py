@@ -11,6 +11,7 @@ content-addressed, verified on load and repaired when damaged; see "the conversi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
@@ -63,14 +64,38 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     that is already in the local HF cache. dtype: a torch dtype or its name ("float32", "bfloat16", "float16").
     """
     dtype = _as_dtype(dtype)
-    if name_or_path is None:
-        model, tok = _load_embedded(dtype)
-    else:
-        model, tok = _load_named(str(name_or_path), dtype)
+    with _quiet_loading():
+        if name_or_path is None:
+            model, tok = _load_embedded(dtype)
+        else:
+            model, tok = _load_named(str(name_or_path), dtype)
     model.eval()
     model.to(device)
     model.kvtool_name = EMBEDDED_NAME if name_or_path is None else str(name_or_path)
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No progress bars while loading: transformers' "Loading weights" bar (its own switch, restored afterwards)
+    and the GGUF reader's plain tqdm bar "Converting and de-quantizing GGUF tensors"."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -187,6 +212,11 @@ def _entry_key(digest: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
+def cache_entry(gguf: Path, digest: str | None = None) -> Path:
+    """The conversion cache's directory for `gguf` (it may not exist yet)."""
+    return models_dir() / f"{gguf.stem}-{_entry_key(digest or gguf_sha256(gguf))}"
+
+
 def _complete(target: Path) -> bool:
     """The entry's marker exists and every file it lists has the recorded size; the safetensors header parses."""
     from safetensors import safe_open
@@ -226,7 +256,7 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype):
     root = models_dir()
     sweep_stale(root, _CONVERT)
     digest = gguf_sha256(gguf)
-    target = root / f"{gguf.stem}-{_entry_key(digest)}"
+    target = cache_entry(gguf, digest)
     if target.exists() and not _complete(target):
         _note(f"the cached conversion {target} is incomplete or corrupted; converting {gguf.name} again")
         _remove_entry(target)

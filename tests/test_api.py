@@ -17,7 +17,7 @@ CFG = TraceConfig(sink=4, recent=16, query_samples=12, window=8, recall_threshol
 
 def test_profile_of_shards_merges_into_profile_of_all(tmp_path):
     model = tiny_model("gqa")
-    samples = [needle_sample(T=72 + 8 * i, seed=i) for i in range(5)]
+    samples = [needle_sample(T=96, seed=i) for i in range(5)]
     whole = profile_model(model, samples, config=CFG, data={"kind": "test"})
     a = profile_model(model, samples[:2], config=CFG, data={"kind": "test"})
     b = profile_model(model, samples[2:], config=CFG, data={"kind": "test"})
@@ -31,6 +31,30 @@ def test_profile_of_shards_merges_into_profile_of_all(tmp_path):
         else:
             torch.testing.assert_close(m, t, rtol=1e-6, atol=1e-6, msg=name)  # float64 sums in another order
     assert merged.calibration["samples"] == 5 and merged.calibration["lengths"] == whole.calibration["lengths"]
+    assert merged.calibration["seeds"] == [42, 42] and "seed" not in merged.calibration
+
+
+def test_merge_refuses_double_counting_other_lengths_and_nan(tmp_path):
+    model = tiny_model("gqa")
+    a = profile_model(model, [needle_sample(T=96, seed=0)], config=CFG, seed=1)
+    b = profile_model(model, [needle_sample(T=96, seed=1)], config=CFG, seed=2)
+    with pytest.raises(KvtoolError, match="same statistics as profile 1"):
+        merge_profiles(a, b, a)
+    copy = Profile.load(a.save(tmp_path / "a.kv.st"))                        # the same file under another name
+    with pytest.raises(KvtoolError, match="b.kv.st has the same statistics as a.kv.st"):
+        merge_profiles(a, copy, names=["a.kv.st", "b.kv.st"])
+    longer = profile_model(model, [needle_sample(T=120, seed=2)], config=CFG)
+    with pytest.raises(KvtoolError, match="different sequence lengths: profile 2 has samples of 120 tokens"):
+        merge_profiles(a, longer)
+    nan = Profile(dict(b.tensors), b.model, b.calibration, b.policy)
+    key = next(k for k, t in nan.tensors.items() if k.startswith("stats.") and t.is_floating_point())
+    nan.tensors[key] = nan.tensors[key].clone().fill_(float("nan"))
+    with pytest.raises(KvtoolError, match=f"raw statistic {key} contains NaN"):
+        merge_profiles(a, nan)
+    merged = merge_profiles(a, b)
+    assert merged.calibration["seeds"] == [1, 2] and merged.calibration["samples"] == 2
+    assert merge_profiles(merged, profile_model(model, [needle_sample(T=96, seed=3)], config=CFG, seed=3)) \
+        .calibration["seeds"] == [1, 2, 3]
 
 
 def test_merge_refuses_other_models_and_settings():
@@ -58,6 +82,18 @@ def test_length_checks():
 
 
 def test_public_api_names():
-    for name in ("load_model", "Profile", "load_samples", "passkey_samples", "profile_model", "merge_profiles",
-                 "TraceConfig", "summarize", "KvtoolError"):
-        assert getattr(kvtool, name) is not None
+    """Each public name (most are imported lazily) is the object its module defines, and every name in __all__
+    resolves; an unknown name is an AttributeError."""
+    import importlib
+
+    where = {"load_model": "kvtool.models", "Profile": "kvtool.profile", "load_samples": "kvtool.data",
+             "passkey_samples": "kvtool.data", "profile_model": "kvtool.api", "merge_profiles": "kvtool.api",
+             "TraceConfig": "kvtool.trace", "summarize": "kvtool.inspect", "KvtoolError": "kvtool.errors",
+             "CompressedCache": "kvtool.cache", "calibrate": "kvtool.api"}
+    for name, module in where.items():
+        assert getattr(kvtool, name) is getattr(importlib.import_module(module), name), name
+    assert set(where) <= set(kvtool.__all__)
+    for name in kvtool.__all__:
+        getattr(kvtool, name)
+    with pytest.raises(AttributeError):
+        kvtool.no_such_name

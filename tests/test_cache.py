@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from calibrate.duo import _duo_attention, _DuoState
 from conftest import needle_sample, tiny_model
 from kvtool.api import profile_model
-from kvtool.cache import CompressedCache, prefill, use_kvtool_attention
+from kvtool.cache import CompressedCache, prefill, use_kvtool_attention, with_cache
 from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
 from kvtool.trace import Dims, TraceConfig
@@ -31,10 +31,10 @@ def cached_logits(model, ids, policy: str, prompt: int, chunk: int):
     rows = []
     with torch.no_grad():
         for start in range(0, prompt, chunk):
-            out = model(ids[:, start:min(start + chunk, prompt)], past_key_values=cache, use_cache=True)
+            out = model(ids[:, start:min(start + chunk, prompt)], **with_cache(model, cache), use_cache=True)
             rows.append(out.logits[0])
         for t in range(prompt, ids.shape[1]):
-            rows.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0])
+            rows.append(model(ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits[0])
     model.set_attn_implementation("sdpa")
     return torch.cat(rows), cache
 
@@ -44,13 +44,13 @@ def test_lossless_policy_equals_dynamic_cache(kind):
     model = tiny_model(kind)
     ids = needle_sample(T=90).input_ids.view(1, -1)
     with torch.no_grad():
-        ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+        ref = model(ids, **with_cache(model, DynamicCache(config=model.config)), use_cache=True).logits[0]
         ref_gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False)
     got, cache = cached_logits(model, ids, "heads=all,dtype=model", prompt=60, chunk=16)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
     use_kvtool_attention(model)
     gen = model.generate(ids[:, :60], max_new_tokens=10, do_sample=False,
-                         past_key_values=CompressedCache(model, None, "heads=all,dtype=model"))
+                         **with_cache(model, CompressedCache(model, None, "heads=all,dtype=model")))
     model.set_attn_implementation("sdpa")
     assert torch.equal(gen, ref_gen)
     assert cache.get_seq_length() == 90 and cache.nbytes() == cache.full_nbytes(torch.float32)

@@ -76,7 +76,16 @@ def test_profile_inspect_merge_roundtrip(capsys, tiny_dir, tmp_path):
     assert summary["samples"] == 2 and summary["kv_heads"] == 4 and a.is_file()
     assert run(capsys, "profile", tiny_dir, *FAST, "--seed", "2", "-o", b)[0] == 0
     code, out, err = run(capsys, "merge", a, b, "-o", m)
-    assert code == 0, err and "4 samples" in out
+    assert code == 0, err
+    assert "4 samples" in out and "seeds 1, 2" in out
+    for twice in ([a, a], [a, tmp_path / "." / "a.kv.st"]):                  # the same file twice: refused
+        code, _, err = run(capsys, "merge", *twice, "-o", tmp_path / "twice.kv.st")
+        assert_one_line_error(code, err, "is given twice")
+    c = tmp_path / "c.kv.st"
+    c.write_bytes(a.read_bytes())                                             # a copy: the same samples again
+    code, _, err = run(capsys, "merge", a, b, c, "-o", tmp_path / "twice.kv.st")
+    assert_one_line_error(code, err, f"{c} has the same statistics as {a}")
+    assert not (tmp_path / "twice.kv.st").exists()
     png = tmp_path / "heads.png"
     code, out, err = run(capsys, "inspect", m, "--plot", png, "--json")
     assert code == 0, err
@@ -127,7 +136,12 @@ def test_nan_activations_leave_nothing_behind(capsys, tmp_path, embedded_tokeniz
 
 def test_inspect_refuses_a_corrupt_profile(capsys, tiny_dir, tmp_path):
     good = tmp_path / "good.kv.st"
-    assert run(capsys, "profile", tiny_dir, *FAST, "-o", good)[0] == 0
+    code, out, err = run(capsys, "profile", tiny_dir, *FAST, "-o", good)
+    assert code == 0, err
+    from kvtool.profile import Profile
+
+    values = "".join(line.split("│")[2].strip() for line in out.splitlines() if line.count("│") == 3)
+    assert "…" not in out and Profile.load(good).model["fingerprint"] in values     # folded at 80 columns, not cut
     bad = tmp_path / "bad.kv.st"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     code, _, err = run(capsys, "inspect", bad)
@@ -152,6 +166,17 @@ def test_calibrate_commands(capsys, tiny_dir, tmp_path):
     assert json.loads(out)["retrieval_heads"] == 1 and json.loads(out)["output"] == str(prof)   # refined in place
     code, out, _ = run(capsys, "inspect", prof, "--json")
     assert json.loads(out)["methods"]["razor"]["retrieval_heads"] == 1
+    # retrieval reuses the profile's passkey trace and says which data that was ...
+    code, out, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--profile", prof, "--json")
+    assert code == 0, err
+    assert "using the copy scores of" in err and "(2 samples of 96 tokens)" in err
+    code, out, _ = run(capsys, "inspect", prof, "--json")
+    assert code == 0 and "retrieval" in json.loads(out)["methods"]
+    # ... while --samples / --seq-len trace new samples (a random model recalls none of the passkeys: one-line error)
+    before = prof.read_bytes()
+    code, _, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--profile", prof, "--seq-len", "256")
+    assert_one_line_error(code, err, "recalled none of the passkeys")
+    assert prof.read_bytes() == before
     # a random model recalls no passkey: no copy score can exist, and it says so
     code, _, err = run(capsys, "calibrate", "--method", "retrieval", tiny_dir, "--samples", "2", "--seq-len", "256",
                        "-o", tmp_path / "r.kv.st")
@@ -167,3 +192,29 @@ def test_calibrate_bad_input(capsys, tmp_path, args, needle):
     code, _, err = run(capsys, "calibrate", *args, "-o", tmp_path / "x.kv.st")
     assert_one_line_error(code, err, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["profile", "inspect", "merge", "calibrate", "run", "bench"])
+def test_help_shows_no_bool_metavar_and_every_option_has_help(command):
+    """Flags show no `<bool>`, and every option says what it does (typer's rich help, 200 columns)."""
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "kvtool", command, "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "<bool>" not in proc.stdout and "--help" in proc.stdout
+    from kvtool.cli import app
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands[command]
+    missing = [p.name for p in cmd.params if not getattr(p, "help", None)]
+    assert missing == [], f"{command}: options without help text: {missing}"
+
+
+def test_default_profile_name_is_not_the_shipped_one():
+    from kvtool.cli import _default_output
+    from kvtool.cli_run import SHIPPED
+
+    assert _default_output(None) == Path("smollm2.kv.st") != Path(SHIPPED[None])
+    assert _default_output(None, "razor") == Path("smollm2.razor.kv.st")
+    assert _default_output("/models/Llama-3.1-8B/") == Path("llama-3.1-8b.kv.st")
+    assert _default_output("x/model.Q4.gguf") == Path("model.q4.kv.st")

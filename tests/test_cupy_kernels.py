@@ -59,9 +59,19 @@ needs_cuda = pytest.mark.skipif(
     reason="needs CUDA and CuPy (pip install kvtool[gpu]) and a visible GPU; the CPU twins are tested above")
 
 EMULATE = os.environ.get("KVTOOL_EMULATE_KERNELS") == "1"
-needs_emulation = pytest.mark.skipif(
-    not (EMULATE and shutil.which("g++") and sys.platform.startswith("linux")),
-    reason="set KVTOOL_EMULATE_KERNELS=1 (needs g++ on Linux) to run the CUDA source in the CPU emulator (~1 min)")
+
+
+def _why_not_emulated() -> str | None:
+    if not EMULATE:
+        return "set KVTOOL_EMULATE_KERNELS=1 (needs g++ on Linux) to run the CUDA source in the CPU emulator (~2 min)"
+    if not sys.platform.startswith("linux"):
+        return f"KVTOOL_EMULATE_KERNELS=1, but the CPU emulator needs Linux (this is {sys.platform})"
+    if shutil.which("g++") is None:
+        return "KVTOOL_EMULATE_KERNELS=1, but g++ is not on PATH: the CUDA source emulator was not run"
+    return None
+
+
+needs_emulation = pytest.mark.skipif(_why_not_emulated() is not None, reason=_why_not_emulated() or "")
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CUDA = "cuda"          # device of the CUDA tests (a module constant so a harness can point them elsewhere)

@@ -76,7 +76,8 @@ def test_normalisation_is_the_runtimes(tiny):
     model, samples, profile = tiny
     kq, levels, _ = _levels(model, samples[:1], profile)
     ranges = kq.check(model, profile)
-    out = model(samples[3].input_ids.view(1, -1), use_cache=True).past_key_values
+    result = model(samples[3].input_ids.view(1, -1), use_cache=True)
+    out = result.cache if "cache" in type(result).__dataclass_fields__ else result.past_key_values   # 5.24 renamed it
     for layer in range(profile.model["num_layers"]):
         k, v = out.layers[layer].keys, out.layers[layer].values               # [1, H, T, D]
         lv = levels["value.levels3"][layer]

@@ -15,7 +15,7 @@ import torch
 from conftest import needle_sample, tiny_model
 from kvtool import quant
 from kvtool.api import profile_model
-from kvtool.cache import CompressedCache, prefill
+from kvtool.cache import CompressedCache, prefill, with_cache
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import RopeTable
 from kvtool.trace import TraceConfig
@@ -145,7 +145,7 @@ def test_quantized_cache_inside_generate_tracks_positions(tiny_with_profile):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         cache = CompressedCache(model, prof, "heads=all,k=8,v=8,sink=4,buffer=8")
-        got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+        got = model.generate(ids, max_new_tokens=12, do_sample=False, **with_cache(model, cache))
     assert torch.equal(got, ref)
     assert cache.get_seq_length() == 60 + 11
     assert all(layer.k_store.n_body == 71 - 4 - 8 for layer in cache.layers)
@@ -156,14 +156,14 @@ def test_unpadded_batch_equals_rows_and_padded_batch_is_refused(tiny_with_profil
     rows = torch.stack([needle_sample(T=50, seed=s).input_ids for s in (1, 2)])      # [2, 50]
     policy = "heads=random:0.5:1,k=4,v=4,sink=4,recent=8,buffer=8"
     with torch.no_grad():
-        both = model(rows, past_key_values=CompressedCache(model, prof, policy), use_cache=True).logits
+        both = model(rows, **with_cache(model, CompressedCache(model, prof, policy)), use_cache=True).logits
         for i in range(2):
-            one = model(rows[i:i + 1], past_key_values=CompressedCache(model, prof, policy), use_cache=True).logits
+            one = model(rows[i:i + 1], **with_cache(model, CompressedCache(model, prof, policy)), use_cache=True).logits
             torch.testing.assert_close(both[i:i + 1], one, atol=1e-4, rtol=0)
         mask = torch.ones_like(rows)
         mask[0, :3] = 0
         with pytest.raises(KvtoolError, match="padded batches"):
-            model(rows, attention_mask=mask, past_key_values=CompressedCache(model, prof, policy), use_cache=True)
+            model(rows, attention_mask=mask, **with_cache(model, CompressedCache(model, prof, policy)), use_cache=True)
 
 
 def test_quantization_needs_a_profile_and_matching_codebooks(tiny_with_profile):

@@ -37,6 +37,13 @@ def test_run_prompt_prints_text_and_bytes(capsys, tiny_with_profile):
     result = json.loads(out)
     assert result["new_tokens"] == 5 and result["tokens_seen"] == result["prompt_tokens"] + 4
     assert 0 < result["kv_bytes"] and result["full16_bytes"] > 0
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0                    # timed apart
+    assert result["prefill_seconds"] + result["decode_seconds"] == pytest.approx(result["seconds"], abs=0.02)
+    code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=0.5,k=4,v=4",
+                         "--prompt", "Hello there", "--max-new-tokens", "3", "--no-chat")
+    assert code == 0, err
+    assert "prefill" in err and "decode 3 tokens at" in err
+    assert "Nothing is saved yet" in err and "starts to shrink past 192 tokens" in err   # sink 64 + buffer 128
 
 
 def test_run_task_nll_is_side_by_side(capsys, tiny_with_profile):
@@ -73,7 +80,10 @@ def test_bench_passkey_table_and_plot(capsys, tiny_with_profile, tmp_path):
     (["bench", "--task", "nll", "--baselines", "streaming:4", "--policies", "heads=all"], "streaming:<sink>:<recent>"),
     (["bench", "--lengths", "10,x"], "--lengths"),
 ])
-def test_run_and_bench_bad_input(capsys, tiny_with_profile, tmp_path, args, needle):
+def test_run_and_bench_bad_input(capsys, monkeypatch, tiny_with_profile, tmp_path, args, needle):
+    import kvtool.cli_run
+
+    monkeypatch.setattr(kvtool.cli_run, "_has_quanto", lambda: False)   # the same outcome with or without quanto
     model, prof = tiny_with_profile
     extra = ["--samples", "1", "--context", "64", "--continuation", "8"] if "nll" in args else []
     code, _, err = run(capsys, *args[:1], model, "--profile", prof, *args[1:], *extra)
@@ -87,3 +97,41 @@ def test_bench_plot_must_be_png(capsys, tiny_with_profile, tmp_path):
                        "--plot", tmp_path / "plot.svg")
     assert_one_line_error(code, err, ".png")
     assert not (tmp_path / "plot.svg").exists()
+
+
+def test_bench_without_quanto_notes_it_after_validation(capsys, monkeypatch, tiny_with_profile):
+    import kvtool.cli_run
+
+    monkeypatch.setattr(kvtool.cli_run, "_has_quanto", lambda: False)
+    model, prof = tiny_with_profile
+    code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--samples", "1", "--context",
+                         "64", "--continuation", "8", "--decode-steps", "1", "--policies", "heads=all", "--json")
+    assert code == 0, err
+    assert "pip install 'kvtool[bench]'" in err                    # not eaten as rich markup
+    assert [r["cache"] for r in json.loads(out)] == ["full", "streaming:4:252", "heads=all"]
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_table_keeps_long_policy_names_whole_when_piped(tiny_with_profile, columns):
+    """Piped output is 80 columns wide (or $COLUMNS): policy names are never cut. Where they do not fit beside the
+    numbers, rows are numbered and the full names follow under the table."""
+    import os
+    import subprocess
+    import sys
+
+    model, prof = tiny_with_profile
+    pols = ["heads=all,k=4,v=4,buffer=8,sink=4,recent=16,kclip=0.995", "heads=all,k=4,v=4,buffer=8,sink=4,recent=16,kclip=0.99"]
+    proc = subprocess.run([sys.executable, "-m", "kvtool", "bench", str(model), "--profile", str(prof), "--task", "nll",
+                           "--samples", "1", "--context", "64", "--continuation", "8", "--decode-steps", "1",
+                           "--baselines", "none", "--policies", ";".join(pols)],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, COLUMNS=columns, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "…" not in proc.stdout and max(map(len, lines)) <= int(columns)
+    first_column = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    if columns == "80":
+        assert first_column == ["full", "#1", "#2"]
+        assert lines[-2:] == [f"#1  {pols[0]}", f"#2  {pols[1]}"]
+    else:
+        assert first_column == ["full", *pols]
