@@ -313,7 +313,8 @@ def calibrate(
     seq_len = 1024 if seq_len is None else seq_len
     if method in ("retrieval", "kvquant"):
         checks.whole("--seq-len", seq_len, 2)
-        checks.context(checks.model_context(model), seq_len, f"--seq-len {seq_len}")
+        if method == "kvquant" or explicit or profile_in is None:    # retrieval may reuse the profile's own trace
+            checks.context(checks.model_context(model), seq_len, f"--seq-len {seq_len}")
     if method == "razor":
         checks.whole("--probe-len", probe_len, 8)
     if profile_in is not None:
