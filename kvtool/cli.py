@@ -326,11 +326,11 @@ def calibrate(
         if checkpoint_every is not None:
             duo["checkpoint_every"] = checks.whole("--checkpoint-every", checkpoint_every)
         if checkpoint is not None:
+            if checkpoint.is_dir():
+                raise KvtoolError(f"--checkpoint {checkpoint} is a directory; give a file path inside it")
             if resume and not checkpoint.is_file():
                 raise KvtoolError(f"--resume: checkpoint {checkpoint} "
                                   f"{'is not a file' if checkpoint.exists() else 'does not exist'}")
-            if checkpoint.is_dir():
-                raise KvtoolError(f"--checkpoint {checkpoint} is a directory; give a file path inside it")
             duo["checkpoint"] = str(_writable_target(checkpoint))
         if resume:
             duo["resume"] = True

@@ -124,7 +124,7 @@ SHORT = {"x_smaller_than_16bit": "x smaller", "prefill_tok_s": "prefill tok/s", 
 def _vs_full(rows: list[dict]) -> list[dict]:
     """Rows as the table shows them: short column names and, beside each NLL, its change against the `full` row."""
     full = next((r for r in rows if r["cache"] == "full" and "nll" in r), None)
-    shown = []
+    table_rows = []
     for r in rows:
         row = {}
         for k, v in r.items():
@@ -133,8 +133,8 @@ def _vs_full(rows: list[dict]) -> list[dict]:
             row[SHORT.get(k, k)] = v
             if k == "nll" and full is not None:
                 row["vs full"] = "—" if r is full else f"{100 * (v / full['nll'] - 1):+.1f}%"
-        shown.append(row)
-    return shown
+        table_rows.append(row)
+    return table_rows
 
 
 def _print(results, title: str, as_json: bool) -> list[dict]:
@@ -143,24 +143,24 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
         print(json.dumps(rows, indent=2))
     elif rows:
         title += f" ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
-        shown = _vs_full(rows)
-        key = _keyed(shown, out.width)
-        out.print(_table(title, shown))
+        table_rows = _vs_full(rows)
+        key = _keyed(table_rows, out.width)
+        out.print(_table(title, table_rows))
         for label, spec in key:
             out.print(f"{label}  {shown(spec)}", soft_wrap=True)
     return rows
 
 
-def _keyed(shown: list[dict], width: int) -> list[tuple[str, str]]:
+def _keyed(table_rows: list[dict], width: int) -> list[tuple[str, str]]:
     """When the cache names do not fit beside the numbers at this width (80 columns when piped), the table names
     each cache by a number and the full names follow under it, one a line: never cut, never ambiguous."""
-    others = sum(max(len(str(col)), *(len(str(r[col])) for r in shown)) + 3
-                 for col in shown[0] if col != "cache")
+    others = sum(max(len(str(col)), *(len(str(r[col])) for r in table_rows)) + 3
+                 for col in table_rows[0] if col != "cache")
     room = width - others - 4
-    if max(len(r["cache"]) for r in shown) <= max(room, 0):
+    if max(len(r["cache"]) for r in table_rows) <= max(room, 0):
         return []
     key = []
-    for i, r in enumerate(shown):
+    for i, r in enumerate(table_rows):
         if r["cache"] != "full":
             key.append((f"#{i}", r["cache"]))
             r["cache"] = f"#{i}"
