@@ -3,7 +3,7 @@ traceback, leaves the working directory as it was, and — for everything that c
 refused before the model loads (`kvtool.models.load_model` is replaced by a function that fails the test).
 
 Everything runs on a tiny random Llama saved to disk with a small BPE tokenizer trained in-process (no embedded
-model). The table of these cases is docs/reliability-options.md.
+model). The table of these cases is docs/reliability.md (section "Options, policies and data").
 """
 
 from __future__ import annotations
