@@ -118,3 +118,16 @@ def test_bad_input_is_one_line(calibrated, text_file):  # noqa: F811
         calibrate(model, ByteTokenizer(), "pca", profile=prof, fraction=0.5)
     with pytest.raises(KvtoolError, match="--clip"):
         PCA(clip=1.5)
+
+
+def test_inspect_lists_the_ranks_and_draws_a_panel(calibrated, tmp_path):
+    from kvtool.inspect import plot, summarize
+
+    _, _, _, out = calibrated
+    rows = summarize(out)["lowrank"]
+    assert [r["tensor"] for r in rows] == ["key (pre-RoPE)", "value"]
+    for r, name in zip(rows, ("key", "value")):
+        ranks = choose_rank(out[f"lowrank.{name}.eigvals"], "auto:0.99")[:, 0]
+        assert r["rank@0.99 max"] == int(ranks.max()) and r["rank@0.99 mean"] == round(ranks.float().mean().item(), 1)
+        assert r["rank@0.9 mean"] <= r["rank@0.99 mean"] <= 16
+    assert plot(out, tmp_path / "p.png").stat().st_size > 0

@@ -235,3 +235,19 @@ def test_sliding_layers_never_join_a_group(text_file):
                     options={"threshold": 0.0, "samples": 1, "seq_len": 64, "data": text_file})
     assert out["layers.pod.leader"][:, 0].tolist() == [0, 1, 2, 3]      # every other layer slides: all alone
     assert out.calibration["methods"]["pod"]["groups"] == []
+
+
+def test_inspect_lists_the_groups(text_file, tmp_path):
+    from kvtool.inspect import plot, summarize
+
+    model = tiny_model("gqa", layers=4)
+    samples = [needle_sample(T=128, seed=0)]
+    prof = profile_model(model, samples, config=TraceConfig(sink=4, recent=16, query_samples=8))
+    out = calibrate(model, ByteTokenizer(), "pod", profile=prof,
+                    options={"groups": "1-3", "samples": 1, "seq_len": 64, "data": text_file})
+    (row,) = summarize(out)["pod"]
+    fit = out["layers.pod.fit_error"][2:4]
+    assert row["layers"] == "1-3" and row["leader"] == 1 and row["size"] == 3 and row["kv_head"] == "all"
+    assert row["fit error (map)"] == round(fit.mean().item(), 4)
+    assert "pod" not in summarize(prof)
+    assert plot(out, tmp_path / "p.png").stat().st_size > 0
