@@ -23,7 +23,9 @@ fit error ‖Y − XW‖² / ‖Y‖² and the error of sharing the keys unchang
 Writes `layers.pod.group` and `layers.pod.leader` int64 [L, H] (group number in layer order; the layer whose keys
 are shared, = the layer itself for a leader; equal across H with per="layer"), `layers.pod.map` float32
 [L, H, D, D] (identity for leaders), `layers.pod.fit_error` and `layers.pod.share_error` float32 [L, H] (0 for
-leaders). The threshold, rule and groups go to kvtool.calibration.methods.pod.
+leaders), and `layers.pod.heldout_error` [L, H]: the map's error on `heldout` further samples it was not fitted on
+(the in-sample fit error flatters a D×D map fitted on a few thousand tokens). The threshold, rule and groups go to
+kvtool.calibration.methods.pod.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import torch
 
 from calibrate import Result, register
 from kvtool.errors import KvtoolError
-from kvtool.sharing import (SECTION, check_threshold, fit_maps, group_ids, group_layers, parse_groups, sliding_layers,
-                            spans)
+from kvtool.sharing import (SECTION, check_threshold, fit_maps, group_ids, group_layers, map_error, parse_groups,
+                            sliding_layers, spans)
 from kvtool.trace import Dims, attention_modules, observing
 
 
@@ -49,6 +51,7 @@ class PoD:
     groups: str | None = None      # explicit groups "first-last,..." instead of the similarity
     ridge: float = 1e-3            # ridge of the key maps, relative to the mean eigenvalue of the leader's keys
     samples: int = 4               # calibration samples for the key maps
+    heldout: int = 1               # further samples, not fitted on, for `heldout_error` (0: none)
     seq_len: int = 1024            # tokens per sample
     data: str | None = None        # None / "passkey" (built-in) or a .txt / .jsonl file
     seed: int = 42
@@ -61,7 +64,7 @@ class PoD:
             raise KvtoolError(f"--max-group must be at least 1 (got {self.max_group})")
         if self.ridge < 0:
             raise KvtoolError(f"--ridge must be at least 0 (got {self.ridge:g})")
-        for name, least in (("samples", 1), ("seq_len", 2)):
+        for name, least in (("samples", 1), ("heldout", 0), ("seq_len", 2)):
             if getattr(self, name) < least:
                 raise KvtoolError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(self, name)})")
 
@@ -76,14 +79,19 @@ class PoD:
             raise KvtoolError(f"--seq-len {self.seq_len} is beyond the model's context of {limit} tokens")
         if tokenizer is None:
             raise KvtoolError("pod needs the model's tokenizer to build its calibration samples")
-        samples = load_samples(self.data, tokenizer, self.samples, self.seq_len, seed=self.seed)
+        samples = load_samples(self.data, tokenizer, self.samples + self.heldout, self.seq_len, seed=self.seed)
+        if len(samples) < self.samples + self.heldout:
+            raise KvtoolError(f"--data gives {len(samples)} samples of {self.seq_len} tokens, fewer than --samples "
+                              f"{self.samples} + --heldout {self.heldout}; use a longer file or fewer samples")
+        samples, held = samples[: self.samples], samples[self.samples:]
         start = time.perf_counter()
-        tensors = self.fit(model, samples, leader, on_progress)
+        tensors = self.fit(model, samples, leader, on_progress, heldout=held)
         shared = [list(s) for s in spans(leader[:, 0]) if s[1] > s[0]] if self.per == "layer" else None
         params = {"threshold": self.threshold, "per": self.per, "rule": "min over KV heads" if self.per == "layer"
                   else "per KV head", "max_group": self.max_group, "groups": shared if shared is not None
                   else self.groups, "explicit": self.groups is not None, "ridge": self.ridge, "rope": "pre",
-                  "samples": len(samples), "seq_len": self.seq_len, "seed": self.seed, "data": describe(self.data),
+                  "samples": len(samples), "heldout": len(held), "seq_len": self.seq_len, "seed": self.seed,
+                  "data": describe(self.data),
                   "fit_seconds": round(time.perf_counter() - start, 2)}
         return Result("pod", tensors, params, section=SECTION)
 
@@ -114,26 +122,36 @@ class PoD:
             leader = leader[:, None].expand(dims.layers, dims.kv_heads)
         return leader.contiguous()
 
-    def fit(self, model, samples, leader: torch.Tensor, on_progress=None) -> dict[str, torch.Tensor]:
-        """Key maps from pre-RoPE keys of `samples`; the section's tensors (names without `layers.pod.`)."""
+    def fit(self, model, samples, leader: torch.Tensor, on_progress=None, heldout=()) -> dict[str, torch.Tensor]:
+        """Key maps from pre-RoPE keys of `samples` (errors also on `heldout` samples, when given); the section's
+        tensors (names without `layers.pod.`)."""
         if not samples:
             raise KvtoolError("zero samples: no calibration data for pod")
         dims = Dims.of(model)
-        obs = _CrossMoments(dims, leader)
+        fitted = self._moments(model, samples, leader, on_progress, 0)
+        w, fit_err, share_err = fit_maps(fitted.xtx, fitted.xty, fitted.yty, self.ridge)   # [L, H, D, D], [L, H] ×2
+        is_leader = leader == torch.arange(dims.layers)[:, None]                     # [L, H]
+        eye = torch.eye(dims.head_dim).expand_as(w)
+        w = torch.where(is_leader[..., None, None], eye, w).contiguous()
+        zero = torch.zeros(())
+        out = {"group": group_ids(leader), "leader": leader.clone(), "map": w,
+               "fit_error": torch.where(is_leader, zero, fit_err), "share_error": torch.where(is_leader, zero, share_err)}
+        if heldout:
+            held = self._moments(model, heldout, leader, on_progress, len(samples))
+            out["heldout_error"] = torch.where(is_leader, zero, map_error(w, held.xtx, held.xty, held.yty))
+        return out
+
+    @staticmethod
+    def _moments(model, samples, leader, on_progress, done: int) -> "_CrossMoments":
+        obs = _CrossMoments(Dims.of(model), leader)
         device = next(model.parameters()).device
         with observing(model, obs, obs.observe_pre_rope_key), torch.inference_mode():
             for i, sample in enumerate(samples):
                 obs.keys = {}
                 model.get_decoder()(input_ids=sample.input_ids.view(1, -1).to(device), use_cache=False)
                 if on_progress is not None:
-                    on_progress(i + 1, f"sample {i + 1}/{len(samples)}")
-        w, fit_err, share_err = fit_maps(obs.xtx, obs.xty, obs.yty, self.ridge)   # [L, H, D, D], [L, H], [L, H]
-        is_leader = leader == torch.arange(dims.layers)[:, None]                     # [L, H]
-        eye = torch.eye(dims.head_dim).expand_as(w)
-        w = torch.where(is_leader[..., None, None], eye, w).contiguous()
-        zero = torch.zeros(())
-        return {"group": group_ids(leader), "leader": leader.clone(), "map": w,
-                "fit_error": torch.where(is_leader, zero, fit_err), "share_error": torch.where(is_leader, zero, share_err)}
+                    on_progress(done + i + 1, f"sample {done + i + 1}")
+        return obs
 
 
 class _CrossMoments:

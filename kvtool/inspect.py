@@ -131,6 +131,8 @@ def _pod_table(profile: Profile) -> list[dict]:
     the leader's keys unchanged (relative squared errors, mean over the group's non-leader layers and KV heads)."""
     leader = profile[f"{sharing.SECTION}.leader"]                               # [L, H]
     fit, share = profile[f"{sharing.SECTION}.fit_error"], profile[f"{sharing.SECTION}.share_error"]
+    held = profile.tensors.get(f"{sharing.SECTION}.heldout_error")
+    held_rows = lambda h, sel: held[sel] if h is None else held[sel, h]         # noqa: E731
     same = bool((leader == leader[:, :1]).all())
     rows = []
     for h in ([None] if same else range(leader.shape[1])):
@@ -142,7 +144,9 @@ def _pod_table(profile: Profile) -> list[dict]:
             f, s = (t[sel] if h is None else t[sel, h] for t in (fit, share))
             rows.append({"kv_head": "all" if h is None else h, "layers": f"{first}-{last}", "leader": first,
                          "size": last - first + 1, "fit error (map)": round(f.mean().item(), 4),
-                         "worst fit": round(f.max().item(), 4), "error (keys as is)": round(s.mean().item(), 4)})
+                         "worst fit": round(f.max().item(), 4),
+                         **({"held-out error": round(held_rows(h, sel).mean().item(), 4)} if held is not None else {}),
+                         "error (keys as is)": round(s.mean().item(), 4)})
     return rows
 
 

@@ -5,7 +5,7 @@
   the similarity of their attention is at least a threshold (and the group is not full); a group's first (lowest)
   layer is its leader, whose keys the whole group reads for distant tokens. Layers listed as excluded (a model's
   sliding-window layers) always stand alone. `parse_groups` reads explicit groups such as "3-8,23-28".
-* `fit_maps`: the training-free step beyond PoD: per layer and KV head a least-squares map W [D, D] with
+* `fit_maps` / `map_error`: the training-free step beyond PoD: per layer and KV head a least-squares map W [D, D] with
   leader_keys @ W ≈ own_keys, from accumulated moments (XᵀX, XᵀY, YᵀY), with a ridge term, and its relative error.
 * `lse_merge`: combine partial attention results (each normalised over its own keys) by log-sum-exp; used to join
   the per-layer proximal part (sink + recent) and the shared distant part, or any split of the keys.
@@ -20,7 +20,7 @@ import torch
 from kvtool.errors import KvtoolError
 
 SECTION = "layers.pod"
-FIELDS = ("group", "leader", "map", "fit_error", "share_error")
+FIELDS = ("group", "leader", "map", "fit_error", "share_error", "heldout_error")
 
 
 def check_threshold(threshold: float) -> float:
@@ -118,12 +118,17 @@ def fit_maps(xtx: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, ridge: flo
     lam = ridge * xtx.diagonal(dim1=-2, dim2=-1).sum(-1) / d                     # [...]
     a = xtx + (lam[..., None, None] + 1e-12) * eye
     w = torch.linalg.solve(a, xty)                                             # [..., D, D]
-    norm = yty.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)             # ‖Y‖²
+    eye = torch.eye(d, dtype=xtx.dtype).expand_as(w)
+    return w.float(), map_error(w, xtx, xty, yty), map_error(eye, xtx, xty, yty)
+
+
+def map_error(w: torch.Tensor, xtx: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor) -> torch.Tensor:
+    """Relative squared error ‖Y − XW‖² / ‖Y‖² [...] of maps w [..., D, D] on data given by its moments (float64
+    sums [..., D, D]): tr(YᵀY) − 2 tr(WᵀXᵀY) + tr(WᵀXᵀXW), over tr(YᵀY). Works for data the map was not fitted on."""
+    w = w.to(xtx.dtype)
     tr = lambda m: m.diagonal(dim1=-2, dim2=-1).sum(-1)                         # noqa: E731
-    # ‖Y − XW‖² = tr(YᵀY) − 2 tr(WᵀXᵀY) + tr(WᵀXᵀXW)
-    fit = tr(yty) - 2 * tr(w.transpose(-1, -2) @ xty) + tr(w.transpose(-1, -2) @ xtx @ w)
-    share = tr(yty) - 2 * tr(xty) + tr(xtx)
-    return w.float(), (fit / norm).clamp_min(0).float(), (share / norm).clamp_min(0).float()
+    err = tr(yty) - 2 * tr(w.transpose(-1, -2) @ xty) + tr(w.transpose(-1, -2) @ xtx @ w)
+    return (err / tr(yty).clamp_min(1e-30)).clamp_min(0).float()
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None = None,

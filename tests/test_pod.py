@@ -162,6 +162,21 @@ def test_fit_maps_recovers_a_known_map_and_identity():
     assert fit.item() == pytest.approx((resid.square().sum() / noisy.square().sum()).item(), rel=1e-4)
 
 
+def record_heldout(profile) -> int:
+    return profile.calibration["methods"]["pod"]["heldout"]
+
+
+def test_map_error_on_other_data():
+    from kvtool.sharing import map_error
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    direct = (y - x @ w).square().sum() / y.square().sum()
+    assert map_error(w, x.T @ x, x.T @ y, y.T @ y).item() == pytest.approx(direct.item(), rel=1e-6)
+
+
 def _identical_layers(layers: int = 3):
     """Layer 0 adds nothing to the residual stream, and layer 1 copies its norm, q and k: same keys, same rows."""
     model = tiny_model("gqa", layers=layers)
@@ -186,6 +201,7 @@ def test_identical_layers_group_together_with_identity_maps(text_file):
     assert leader[:, 0].tolist()[:2] == [0, 0]
     torch.testing.assert_close(out["layers.pod.map"][1], torch.eye(16).expand(2, 16, 16), rtol=0, atol=1e-4)
     assert out["layers.pod.fit_error"][1].max() < 1e-6 and out["layers.pod.share_error"][1].max() < 1e-6
+    assert out["layers.pod.heldout_error"][1].max() < 1e-6
 
 
 def test_pod_end_to_end_on_a_tiny_model(tmp_path, text_file):
@@ -197,12 +213,16 @@ def test_pod_end_to_end_on_a_tiny_model(tmp_path, text_file):
     L, H, D = 4, 2, 16
     shapes = {k: tuple(v.shape) for k, v in out.tensors.items() if k.startswith("layers.pod.")}
     assert shapes == {"layers.pod.group": (L, H), "layers.pod.leader": (L, H), "layers.pod.map": (L, H, D, D),
-                      "layers.pod.fit_error": (L, H), "layers.pod.share_error": (L, H)}
+                      "layers.pod.fit_error": (L, H), "layers.pod.share_error": (L, H),
+                      "layers.pod.heldout_error": (L, H)}
     assert out["layers.pod.leader"][:, 0].tolist() == [0, 0, 0, 3]
     assert out["layers.pod.group"][:, 0].tolist() == [0, 0, 0, 1]
     fit, share = out["layers.pod.fit_error"], out["layers.pod.share_error"]
     assert (fit[1:3] > 0).all() and (fit[1:3] < share[1:3]).all()        # the map beats sharing keys unchanged
     assert (fit[[0, 3]] == 0).all()
+    held = out["layers.pod.heldout_error"]
+    assert (held[1:3] > 0).all() and (held[[0, 3]] == 0).all()          # measured on a sample not fitted on
+    assert record_heldout(out) == 1
     record = out.calibration["methods"]["pod"]
     assert record["threshold"] == 0.0 and record["groups"] == [[0, 2]] and record["rope"] == "pre"
     path = out.save(tmp_path / "pod.kv.st")
