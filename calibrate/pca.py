@@ -16,7 +16,9 @@ random tokens per layer and KV head). Not done: Palu's low-rank factorisation of
 project activations), Eigen Attention's per-layer error budget, and the post-RoPE (MatryoshkaKV) variant.
 
 Writes `lowrank.{key,value}.{mean,eigvals,lo,hi,qlo,qhi}` float32 [L, H, D] and `lowrank.{key,value}.basis`
-float32 [L, H, D, D]; `key` is the trace's `key_pre`. The basis is copied next to its latent ranges so that a
+float32 [L, H, D, D]; `key` is the trace's `key_pre`. Also `lowrank.{key,value}.power` [L, H, D]: the mean of z²
+per latent coordinate on this pass — the eigenvalues as this data sees them (with `data` other than the trace's, a
+held-out check of the energy a rank keeps). The basis is copied next to its latent ranges so that a
 re-traced or merged profile cannot pair new axes with old ranges.
 """
 
@@ -118,6 +120,7 @@ class PCA:
                 qs = torch.quantile(z, q, dim=1)                                # [2, H, D]
                 qlo[layer], qhi[layer] = qs[0], qs[1]
             tensors[f"{name}.qlo"], tensors[f"{name}.qhi"] = qlo, qhi
+            tensors[f"{name}.power"] = (obs.sq[name] / obs.n[name]).float()              # [L, H, D]
         return tensors, kept
 
 
@@ -131,6 +134,8 @@ class _Latents:
         self.lo = {n: torch.full(shape, float("inf")) for n in NAMES}
         self.hi = {n: torch.full(shape, float("-inf")) for n in NAMES}
         self.points = {n: [[] for _ in range(dims.layers)] for n in NAMES}   # chunks [H, keep, D]
+        self.sq = {n: torch.zeros(shape, dtype=torch.float64) for n in NAMES}  # Σ z² per latent coordinate
+        self.n = {n: 0 for n in NAMES}
 
     def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
         k = output.detach().float().reshape(-1, self.dims.kv_heads, self.dims.head_dim)   # [T, H, D]
@@ -148,5 +153,8 @@ class _Latents:
         lo, hi = z.amin(1), z.amax(1)                                            # [H, D]
         self.lo[name][layer] = torch.minimum(self.lo[name][layer], lo)
         self.hi[name][layer] = torch.maximum(self.hi[name][layer], hi)
+        self.sq[name][layer] += z.double().square().sum(1)
+        if layer == 0:
+            self.n[name] += z.shape[1]
         idx = torch.randperm(z.shape[1], generator=self.gen)[: self.keep]
         self.points[name][layer].append(z[:, idx])

@@ -122,6 +122,10 @@ def _lowrank_table(profile: Profile) -> list[dict]:
             row[f"rank@{e:g} mean"] = round(per_layer.mean().item(), 1)
             row[f"rank@{e:g} max"] = int(per_layer.max().item())
             row[f"rank@{e:g} per head: mean"] = round(per_head.mean().item(), 1)
+            power = f"{lowrank.SECTION}.{name}.power"
+            if power in profile:                        # energy those ranks keep on the pca pass's own data
+                kept = lowrank.energy(profile[power]).gather(-1, lowrank.choose_rank(ev, f"auto:{e}")[..., None] - 1)
+                row[f"pass energy@{e:g}"] = round(kept.mean().item(), 4)
         rows.append(row)
     return rows
 

@@ -27,7 +27,7 @@ from kvtool.errors import KvtoolError
 SECTION = "lowrank"
 NAMES = ("key", "value")              # key = pre-RoPE keys (the trace's `key_pre`), value = values
 SOURCE = {"key": "key_pre", "value": "value"}
-FIELDS = ("mean", "eigvals", "basis", "lo", "hi", "qlo", "qhi")
+FIELDS = ("mean", "eigvals", "basis", "lo", "hi", "qlo", "qhi")   # required; `power` [L, H, D] is optional
 ENERGY_TOL = 1e-6                     # kept energy this close below the target counts as reaching it (float sums)
 
 

@@ -57,6 +57,9 @@ def test_section_shapes_and_provenance(calibrated):
             assert t.dtype == torch.float32 and t.shape == ((L, H, D, D) if f == "basis" else (L, H, D)), (name, f)
     torch.testing.assert_close(out["lowrank.key.basis"], prof["pca.key_pre.basis"])
     torch.testing.assert_close(out["lowrank.value.eigvals"], prof["pca.value.eigvals"])
+    # the pass ran on the traced samples, so the latent's power per coordinate is the traced spectrum
+    for name in ("key", "value"):
+        torch.testing.assert_close(out[f"lowrank.{name}.power"], out[f"lowrank.{name}.eigvals"], rtol=1e-3, atol=1e-4)
     rec = out.calibration["methods"]["pca"]
     assert rec["samples"] == 3 and rec["clip"] == 0.999 and rec["points"] == 3 * T
     assert rec["source"] == {"key": "pca.key_pre", "value": "pca.value"}
