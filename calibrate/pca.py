@@ -73,6 +73,21 @@ class PCA:
                   "pass_seconds": round(time.perf_counter() - start, 2)}
         return Result("pca", tensors, params, section=SECTION)
 
+    @staticmethod
+    def summary(profile) -> dict:
+        """What `kvtool calibrate` prints: per kind the per-layer ranks (mean, max) at 0.9 and 0.99 energy."""
+        from kvtool.lowrank import LowRank, choose_rank
+
+        rec = profile.calibration["methods"]["pca"]
+        out = {"method": "pca", "samples": rec["samples"], "seq_len": rec["seq_len"], "clip": rec["clip"],
+               "seconds": rec["seconds"]}
+        for name in NAMES:
+            ev = LowRank.from_tensors(profile.tensors, name).eigvals
+            for e in ("0.9", "0.99"):
+                ranks = choose_rank(ev, f"auto:{e}")[:, 0].float()
+                out[f"{name} rank@{e}"] = {"mean": round(ranks.mean().item(), 1), "max": int(ranks.max())}
+        return out
+
     def check(self, model, profile) -> dict[str, dict[str, torch.Tensor]]:
         """Refuse bad input before any work; return the traced spectra {name: {mean, eigvals, basis}}."""
         attention_modules(model)

@@ -95,6 +95,20 @@ class PoD:
                   "fit_seconds": round(time.perf_counter() - start, 2)}
         return Result("pod", tensors, params, section=SECTION)
 
+    @staticmethod
+    def summary(profile) -> dict:
+        """What `kvtool calibrate` prints: threshold, the shared groups, mean key-map errors over non-leaders."""
+        rec = profile.calibration["methods"]["pod"]
+        leader = profile[f"{SECTION}.leader"]
+        member = leader != torch.arange(leader.shape[0])[:, None]                   # [L, H]
+        mean = lambda name: round(profile[f"{SECTION}.{name}"][member].mean().item(), 4) if member.any() else None  # noqa: E731
+        out = {"method": "pod", "threshold": rec["threshold"], "per": rec["per"], "groups": rec["groups"],
+               "layers sharing": int(member[:, 0].sum()) if rec["per"] == "layer" else int(member.sum()),
+               "fit error": mean("fit_error"), "error keys as is": mean("share_error"), "seconds": rec["seconds"]}
+        if f"{SECTION}.heldout_error" in profile:
+            out["held-out error"] = mean("heldout_error")
+        return out
+
     def leaders(self, model, profile) -> torch.Tensor:
         """Refuse bad input before any work; the leader layer of every (layer, KV head): [L, H] int64."""
         attention_modules(model)

@@ -134,3 +134,5 @@ def test_inspect_lists_the_ranks_and_draws_a_panel(calibrated, tmp_path):
         assert r["rank@0.99 max"] == int(ranks.max()) and r["rank@0.99 mean"] == round(ranks.float().mean().item(), 1)
         assert r["rank@0.9 mean"] <= r["rank@0.99 mean"] <= 16
     assert plot(out, tmp_path / "p.png").stat().st_size > 0
+    summary = PCA.summary(out)
+    assert summary["key rank@0.99"] == {"mean": rows[0]["rank@0.99 mean"], "max": rows[0]["rank@0.99 max"]}

@@ -223,6 +223,9 @@ def test_pod_end_to_end_on_a_tiny_model(tmp_path, text_file):
     held = out["layers.pod.heldout_error"]
     assert (held[1:3] > 0).all() and (held[[0, 3]] == 0).all()          # measured on a sample not fitted on
     assert record_heldout(out) == 1
+    summary = PoD.summary(out)
+    assert summary["groups"] == [[0, 2]] and summary["layers sharing"] == 2
+    assert summary["fit error"] == round(fit[1:3].mean().item(), 4)
     record = out.calibration["methods"]["pod"]
     assert record["threshold"] == 0.0 and record["groups"] == [[0, 2]] and record["rope"] == "pre"
     path = out.save(tmp_path / "pod.kv.st")
