@@ -86,10 +86,10 @@ class PoD:
         samples, held = samples[: self.samples], samples[self.samples:]
         start = time.perf_counter()
         tensors = self.fit(model, samples, leader, on_progress, heldout=held)
-        shared = [list(s) for s in spans(leader[:, 0]) if s[1] > s[0]] if self.per == "layer" else None
+        shared = [[list(s) for s in spans(leader[:, h]) if s[1] > s[0]] for h in range(leader.shape[1])]
         params = {"threshold": self.threshold, "per": self.per, "rule": "min over KV heads" if self.per == "layer"
-                  else "per KV head", "max_group": self.max_group, "groups": shared if shared is not None
-                  else self.groups, "explicit": self.groups is not None, "ridge": self.ridge, "rope": "pre",
+                  else "per KV head", "max_group": self.max_group, "groups": shared[0] if self.per == "layer"
+                  else shared, "explicit": self.groups is not None, "ridge": self.ridge, "rope": "pre",
                   "samples": len(samples), "heldout": len(held), "seq_len": self.seq_len, "seed": self.seed,
                   "data": describe(self.data),
                   "fit_seconds": round(time.perf_counter() - start, 2)}

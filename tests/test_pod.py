@@ -274,3 +274,18 @@ def test_inspect_lists_the_groups(text_file, tmp_path):
     assert row["fit error (map)"] == round(fit.mean().item(), 4)
     assert "pod" not in summarize(prof)
     assert plot(out, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_per_head_groups_are_recorded_per_kv_head(text_file):
+    model = tiny_model("gqa", layers=3)
+    prof = profile_model(model, [needle_sample(T=128, seed=0)], config=TraceConfig(sink=4, recent=16, query_samples=8))
+    sim = prof["layers.similarity"]                                       # [2, 2]
+    thr = float(sim[0, 0] + sim[0, 1]) / 2                                # between the two heads at layers 0-1
+    out = calibrate(model, ByteTokenizer(), "pod", profile=prof,
+                    options={"per": "head", "threshold": thr, "samples": 1, "heldout": 0, "seq_len": 64,
+                             "data": text_file})
+    leader = out["layers.pod.leader"]
+    assert leader.tolist() == group_layers(sim, thr).tolist()
+    groups = out.calibration["methods"]["pod"]["groups"]
+    assert len(groups) == 2 and groups == [[list(s) for s in spans(leader[:, h]) if s[1] > s[0]] for h in range(2)]
+    assert "layers.pod.heldout_error" not in out
