@@ -16,7 +16,7 @@ from typing import Callable
 from kvtool.errors import KvtoolError
 
 _REGISTRY: dict[str, Callable] = {}
-_MODULES = ("retrieval", "razor", "duo", "kvquant")   # imported on first lookup; each registers itself
+_MODULES = ("retrieval", "razor", "duo", "kvquant", "pca", "pod")   # imported on first lookup; each registers itself
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from kvtool import lowrank, sharing
 from kvtool.errors import KvtoolError
 from kvtool.fileio import atomic_write
 from kvtool.profile import Profile
@@ -15,7 +16,8 @@ OUTLIER_RATIO = 4.0   # a channel is an outlier when its abs-max exceeds this ma
 
 
 def summarize(profile: Profile, top: int = 10) -> dict:
-    """Tables of a profile: retrieval-like and streaming-like heads, layer similarity, outlier channels, PCA."""
+    """Tables of a profile: retrieval-like and streaming-like heads, layer similarity, outlier channels, PCA, and the
+    pca (`lowrank`: ranks by energy) and pod (layer groups and key-map errors) sections where present."""
     out = {"model": profile.model, "calibration": {k: v for k, v in profile.calibration.items() if k != "lengths"}}
     if "heads.retrieval_score" in profile:
         out["retrieval_heads"] = _rank_heads(profile, "retrieval", top)
@@ -31,6 +33,10 @@ def summarize(profile: Profile, top: int = 10) -> dict:
         out["methods"] = methods
     out["outlier_channels"] = _outliers(profile, top)
     out["pca"] = _pca_table(profile)
+    if f"{lowrank.SECTION}.key.eigvals" in profile or f"{lowrank.SECTION}.value.eigvals" in profile:
+        out["lowrank"] = _lowrank_table(profile)
+    if f"{sharing.SECTION}.leader" in profile:
+        out["pod"] = _pod_table(profile)
     return out
 
 
@@ -97,6 +103,57 @@ def _pca_table(profile: Profile) -> list[dict]:
     return rows
 
 
+ENERGIES = (0.9, 0.99)
+
+
+def _lowrank_table(profile: Profile) -> list[dict]:
+    """Per kind (pre-RoPE key, value) of `kvtool calibrate --method pca`: the ranks `auto:E` picks, per layer (the
+    largest over the layer's KV heads, as the runtime keeps them) — mean and max over layers — and per KV head."""
+    rows = []
+    for name in lowrank.NAMES:
+        key = f"{lowrank.SECTION}.{name}.eigvals"
+        if key not in profile:
+            continue
+        ev = profile[key]                                                       # [L, H, D]
+        row = {"tensor": "key (pre-RoPE)" if name == "key" else name, "head_dim": ev.shape[-1]}
+        for e in ENERGIES:
+            per_layer = lowrank.choose_rank(ev, f"auto:{e}")[:, 0].float()
+            per_head = lowrank.choose_rank(ev, f"auto:{e}", per="head").float()
+            row[f"rank@{e:g} mean"] = round(per_layer.mean().item(), 1)
+            row[f"rank@{e:g} max"] = int(per_layer.max().item())
+            row[f"rank@{e:g} per head: mean"] = round(per_head.mean().item(), 1)
+            power = f"{lowrank.SECTION}.{name}.power"
+            if power in profile:                        # energy those ranks keep on the pca pass's own data
+                kept = lowrank.energy(profile[power]).gather(-1, lowrank.choose_rank(ev, f"auto:{e}")[..., None] - 1)
+                row[f"pass energy@{e:g}"] = round(kept.mean().item(), 4)
+        rows.append(row)
+    return rows
+
+
+def _pod_table(profile: Profile) -> list[dict]:
+    """Groups of `kvtool calibrate --method pod` with their members' key-map fit error and the error of sharing
+    the leader's keys unchanged (relative squared errors, mean over the group's non-leader layers and KV heads)."""
+    leader = profile[f"{sharing.SECTION}.leader"]                               # [L, H]
+    fit, share = profile[f"{sharing.SECTION}.fit_error"], profile[f"{sharing.SECTION}.share_error"]
+    held = profile.tensors.get(f"{sharing.SECTION}.heldout_error")
+    held_rows = lambda h, sel: held[sel] if h is None else held[sel, h]         # noqa: E731
+    same = bool((leader == leader[:, :1]).all())
+    rows = []
+    for h in ([None] if same else range(leader.shape[1])):
+        col = leader[:, 0 if h is None else h]
+        for first, last in sharing.spans(col):
+            if last == first:
+                continue
+            sel = slice(first + 1, last + 1)
+            f, s = (t[sel] if h is None else t[sel, h] for t in (fit, share))
+            rows.append({"kv_head": "all" if h is None else h, "layers": f"{first}-{last}", "leader": first,
+                         "size": last - first + 1, "fit error (map)": round(f.mean().item(), 4),
+                         "worst fit": round(f.max().item(), 4),
+                         **({"held-out error": round(held_rows(h, sel).mean().item(), 4)} if held is not None else {}),
+                         "error (keys as is)": round(s.mean().item(), 4)})
+    return rows
+
+
 def plot(profile: Profile, path: str | os.PathLike) -> Path:
     """Heatmaps (layer × KV head) of retrieval score, streaming mass, adjacent-layer similarity, PCA at d/4."""
     import matplotlib
@@ -111,7 +168,9 @@ def plot(profile: Profile, path: str | os.PathLike) -> Path:
     panels = [(k, t, c) for k, t, c in panels if k in profile]
     panels += [(f"heads.{m}.score", f"{m} score (□ = retrieval head)", "magma") for m in _methods(profile)]
     pca = [n for n in ("key_pre", "value") if f"pca.{n}.eigvals" in profile]
-    fig, axes = plt.subplots(1, len(panels) + len(pca), figsize=(3.2 * (len(panels) + len(pca)), 6), squeeze=False)
+    extra = _method_panels(profile)
+    n = len(panels) + len(pca) + len(extra)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 6), squeeze=False)
     axes = axes[0]
     for ax, (key, title, cmap) in zip(axes, panels):
         _heat(fig, ax, profile[key], title, cmap)
@@ -123,9 +182,29 @@ def plot(profile: Profile, path: str | os.PathLike) -> Path:
         cum = explained(profile, name)
         r = max(1, cum.shape[-1] // 4)
         _heat(fig, ax, cum[..., r - 1], f"{name} PCA: variance in rank {r}", "plasma")
+    for ax, (data, title, cmap, lines) in zip(axes[len(panels) + len(pca):], extra):
+        _heat(fig, ax, data, title, cmap)
+        for y in lines:                                                         # group boundaries
+            ax.axhline(y, color="white", lw=1.0)
     fig.suptitle(f"kvtool profile: {profile.model.get('name') or profile.model.get('architecture')}")
     fig.tight_layout()
     return _save_figure(fig, Path(path))
+
+
+def _method_panels(profile: Profile) -> list[tuple]:
+    """(data [L, H], title, colormap, horizontal lines) for the pca and pod sections."""
+    out = []
+    for name in lowrank.NAMES:
+        key = f"{lowrank.SECTION}.{name}.eigvals"
+        if key in profile:
+            ranks = lowrank.choose_rank(profile[key], "auto:0.99", per="head")
+            out.append((ranks.float(), f"{name} latent: rank for 99% energy", "viridis", []))
+    if f"{sharing.SECTION}.leader" in profile:
+        leader = profile[f"{sharing.SECTION}.leader"]
+        starts = [l - 0.5 for l, _ in sharing.spans(leader[:, 0])][1:]
+        out.append((profile[f"{sharing.SECTION}.fit_error"], "pod key-map fit error (— = group edge)", "magma",
+                    starts))
+    return out
 
 
 def _heat(fig, ax, data: torch.Tensor, title: str, cmap: str) -> None:
