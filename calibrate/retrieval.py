@@ -40,9 +40,8 @@ class Retrieval:
         if profile is not None and "heads.retrieval_score" in profile \
                 and profile.calibration.get("data", {}).get("kind") == "passkey":
             return profile["heads.retrieval_score"].float(), "profile"
-        from kvtool.api import check_lengths
         from kvtool.data import passkey_samples
-        from kvtool.trace import TraceConfig, Tracer
+        from kvtool.trace import TraceConfig, Tracer, check_lengths
 
         cfg = TraceConfig(sink=min(64, self.seq_len // 8), recent=min(256, self.seq_len // 4))
         check_lengths(model, self.seq_len, cfg)

@@ -172,6 +172,19 @@ class TraceStats:
         return out
 
 
+def check_lengths(model, seq_len: int, config: TraceConfig) -> None:
+    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics."""
+    cfg = model.config.get_text_config()
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
+    if seq_len <= config.sink + config.recent:
+        raise KvtoolError(
+            f"--seq-len {seq_len} must exceed sink + recent = {config.sink + config.recent} "
+            "(lower --sink/--recent or raise --seq-len)"
+        )
+
+
 def attention_modules(model) -> list:
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
     if not mods:

@@ -13,6 +13,7 @@ from kvtool.api import profile_model
 from kvtool.cache import CompressedCache, prefill, use_kvtool_attention
 from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
+from kvtool.stores import QuantizedStore, SlidingStore, WindowStore
 from kvtool.trace import Dims, TraceConfig
 
 
@@ -76,10 +77,14 @@ def test_streaming_tokens_are_really_dropped_and_counted():
     R = int(cache.retrieval.sum())
     S = cache.retrieval.numel() - R
     expected = 2 * 16 * 4 * (R * 100 + S * (4 + 16))
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors())
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for s in layer.stores for t in s.tensors())
     assert cache.nbytes() == held == expected
-    for layer in cache.layers:
-        assert layer.recent_k.shape[2] == 16 and layer.sink_k.shape[2] == 4 and len(layer.k_store) == (100 if len(layer.ret) else 0)
+    for i, layer in enumerate(cache.layers):
+        for store in layer.stores:
+            if isinstance(store, WindowStore):
+                assert store.recent_k.shape[2] == 16 and store.sink_k.shape[2] == 4 and len(store) == 20
+            else:
+                assert isinstance(store, QuantizedStore) and len(store) == 100
     assert cache.full_nbytes(torch.float32) == 2 * 3 * 2 * 100 * 16 * 4
 
 
@@ -108,12 +113,10 @@ def test_policy_from_profile_and_foreign_profile_refused():
                                                                                  [True, False]]
     with pytest.raises(KvtoolError, match="different model"):
         CompressedCache(tiny_model("gqa", seed=5), prof, "heads=duo")
-    with pytest.raises(KvtoolError, match="sliding-window"):
-        CompressedCache(tiny_model("sliding"), None, "heads=all")
 
 
 def test_window_rule_by_hand():
-    from kvtool.cache import window_allowed
+    from kvtool.windows import window_allowed
 
     got = window_allowed(torch.arange(6), torch.arange(6), sink=1, recent=2).int().tolist()
     assert got == [[1, 0, 0, 0, 0, 0],
@@ -122,3 +125,35 @@ def test_window_rule_by_hand():
                    [1, 0, 1, 1, 0, 0],
                    [1, 0, 0, 1, 1, 0],
                    [1, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("policy", ["heads=all,dtype=model", "heads=random:0.5:1,sink=4,recent=16,dtype=model"])
+def test_sliding_window_layers_match_dynamic_cache(policy):
+    """Qwen3-style `layer_types` with sliding_attention (window 24): the model's own sliding layers keep only their
+    window (really freed), and greedy tokens equal DynamicCache's (exactly for the lossless policy)."""
+    model = tiny_model("sliding", layers=4)
+    ids = needle_sample(T=70).input_ids.view(1, -1)
+    with torch.no_grad():
+        ref = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False)
+        ref_logits = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+    if policy == "heads=all,dtype=model":
+        got, cache = cached_logits(model, ids, policy, prompt=50, chunk=16)     # chunks wider than nothing, decode
+        torch.testing.assert_close(got, ref_logits, atol=2e-5, rtol=0)
+    use_kvtool_attention(model)
+    cache = CompressedCache(model, None, policy)
+    with torch.no_grad():
+        gen = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False, past_key_values=cache)
+    model.set_attn_implementation("sdpa")
+    if policy == "heads=all,dtype=model":
+        assert torch.equal(gen, ref)
+    window = model.config.sliding_window
+    for i, layer in enumerate(cache.layers):
+        sliding = model.config.layer_types[i] == "sliding_attention"
+        assert layer.is_sliding == sliding
+        if sliding:
+            (store,) = layer.stores
+            assert isinstance(store, SlidingStore) and len(store) == window - 1
+    seen = cache.get_seq_length()
+    assert seen == 61
+    full = sum(min(seen, window - 1) if t == "sliding_attention" else seen for t in model.config.layer_types)
+    assert cache.full_nbytes(torch.float32) == 2 * 2 * full * 16 * 4
