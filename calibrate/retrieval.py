@@ -4,7 +4,7 @@ arXiv 2404.15574).
 On needle samples, while the model (teacher-forced) produces each answer token, a query head scores a hit when its
 top-attended token is a needle token equal to the token being produced; the score is hits / answer tokens, over the
 samples whose answers the model recalls (> 50% of answer tokens predicted). Heads above `threshold` (0.1 in the
-paper) are retrieval heads. The score comes from kvtool's trace (`heads.retrieval_score`, already the max over each
+paper) are retrieval heads. The score comes from kvtool's trace (`heads.copy_score`, already the max over each
 KV group); an existing profile traced on passkey data is reused instead of tracing again.
 """
 
@@ -17,6 +17,7 @@ import torch
 from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
 from kvtool.errors import KvtoolError
+from kvtool.sections import COPY_SCORE
 
 
 @register("retrieval")
@@ -37,9 +38,9 @@ class Retrieval:
         return HeadsResult("retrieval", {"score": score, "mask": mask}, params)
 
     def _scores(self, model, tokenizer, profile, on_progress):
-        if profile is not None and "heads.retrieval_score" in profile \
+        if profile is not None and COPY_SCORE in profile \
                 and profile.calibration.get("data", {}).get("kind") == "passkey":
-            return profile["heads.retrieval_score"].float(), "profile"
+            return profile[COPY_SCORE].float(), "profile"
         from kvtool.data import passkey_samples
         from kvtool.trace import TraceConfig, Tracer, check_lengths
 
@@ -51,4 +52,4 @@ class Retrieval:
         if recall.count[0] > 0 and stats.acc["copy"].count.max() == 0:
             raise KvtoolError("the model recalled none of the passkeys, so no copy score exists; "
                               "try shorter --seq-len or fewer needles")
-        return stats.derive()["heads.retrieval_score"], "trace"
+        return stats.derive()[COPY_SCORE], "trace"

@@ -289,7 +289,12 @@ def write_docs(path: str = "docs/runtime.md") -> bool:
     return new != text
 
 
-if __name__ == "__main__":                       # python -m kvtool.policy  (regenerates docs/runtime.md's table)
+if __name__ == "__main__":      # python -m kvtool.policy: print the table; --write-docs: rewrite docs/runtime.md's copy
+    import sys
+
     import kvtool.policy as table                # the registered module, not this __main__ copy
 
-    print("docs/runtime.md updated" if table.write_docs() else "docs/runtime.md already lists the table")
+    if "--write-docs" in sys.argv[1:]:
+        print("docs/runtime.md updated" if table.write_docs() else "docs/runtime.md already lists the table")
+    else:
+        print(table.field_table_markdown())

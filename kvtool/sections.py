@@ -54,14 +54,11 @@ def pca(kind: str, stat: str) -> str:
 
 
 def resolve(profile, name: str) -> str | None:
-    """The name under which `profile` holds section `name`: the name itself, or its old name in a profile written
-    before the rename; the retrieval method's score falls back to the trace's copy score (a traced profile that was
-    never calibrated with --method retrieval). None when absent."""
+    """A name `profile[...]` answers for section `name` (a Profile also answers to a renamed section's other name);
+    the retrieval method's score falls back to the trace's copy score (a traced profile that was never calibrated
+    with --method retrieval). None when absent."""
     if name in profile:
         return name
-    old = {new: legacy for legacy, new in LEGACY.items()}.get(name)
-    if old is not None and old in profile:
-        return old
-    if name == heads_score("retrieval"):
-        return resolve(profile, COPY_SCORE)
+    if name == heads_score("retrieval") and COPY_SCORE in profile:
+        return COPY_SCORE
     return None

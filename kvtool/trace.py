@@ -149,9 +149,9 @@ class TraceStats:
         """
         d, out = self.dims, {}
         per_q = {name: self.acc[name].value() for name in _HEAD_MEANS}
-        per_q["retrieval_score"] = per_q.pop("copy")
+        per_q["copy_score"] = per_q.pop("copy")                 # heads.copy_score (was heads.retrieval_score)
         agg = {"sink_mass": "min", "recent_mass": "min", "streaming_mass": "min", "entropy": "max",
-               "retrieval_score": "max"}
+               "copy_score": "max"}
         for name, how in agg.items():
             grouped = per_q[name].view(d.layers, d.kv_heads, d.group)
             out[f"heads.{name}"] = grouped.amin(-1) if how == "min" else grouped.amax(-1)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_docs_list_exactly_the_table():
     text = (ROOT / "docs" / "runtime.md").read_text()
     block = text[text.index(DOCS_START) + len(DOCS_START):text.index(DOCS_END)].strip()
-    assert block == field_table_markdown(), "run `python -m kvtool.policy` to regenerate docs/runtime.md's table"
+    assert block == field_table_markdown(), "run `python -m kvtool.policy --write-docs` to regenerate docs/runtime.md's table"
 
 
 def test_every_field_read_by_a_store_is_in_the_table():

@@ -105,14 +105,15 @@ def test_nbytes_is_exactly_what_is_held(tiny_with_profile, policy):
         R = sum(len(g.kv_heads) if g.kv_heads is not None else 2 for g in layer.groups if isinstance(g.store, QuantizedStore))
         S = 2 - R
         qs = [g.store for g in layer.groups if isinstance(g.store, QuantizedStore)]
-        body = max(0, 100 - p.sink - p.buffer) if R else 0
-        if qs:
-            assert qs[0].n_body == body
+        body = qs[0].n_body if qs else 0
+        buf = 0 if not qs else qs[0].buf_k.shape[2]
+        if qs:                                        # tokens leave the buffer in groups of `flush` (32)
+            assert body + buf + min(100, p.sink) == 100 and p.buffer <= buf < p.buffer + qs[0].flush
             codes = [b.k for b in qs[0].blocks]
             assert sum(c.shape[2] for c in codes) == body and all(c.shape[3] == D * p.k // 8 for c in codes)
             assert all(b.v_lo.shape[3] == D // min(p.vgroup, D) for b in qs[0].blocks)
         n_out = sum(0 if b.out_idx is None else b.out_idx.numel() for s in qs for b in s.blocks)
-        expected = (2 * R * (min(100, p.sink) + min(p.buffer, 100 - min(100, p.sink))) * D * 2   # 16-bit sink + buffer
+        expected = (2 * R * (min(100, p.sink) + buf) * D * 2                                   # 16-bit sink + buffer
                     + R * body * D * (p.k + p.v) // 8                                          # packed codes
                     + 2 * R * body * (D // min(p.vgroup, D)) * 2                                 # value lo, span fp16
                     + n_out * (4 + 2)                                                            # outliers
@@ -120,7 +121,8 @@ def test_nbytes_is_exactly_what_is_held(tiny_with_profile, policy):
         assert sum(t.numel() * t.element_size() for st in layer.stores for t in st.tensors()) == expected
         held += expected + sum(st.constants_nbytes() for st in qs)
     assert cache.nbytes() == held
-    assert cache.full_nbytes(torch.float16) == 2 * 3 * 2 * 100 * D * 2 > cache.nbytes()
+    assert cache.full_nbytes(torch.float16) == 2 * 3 * 2 * 100 * D * 2      # (at 100 tokens the 32-token flush groups and
+    #                                                                       constants can outweigh the savings)
 
 
 def test_outliers_are_kept_exactly(tiny_with_profile):
@@ -133,7 +135,7 @@ def test_outliers_are_kept_exactly(tiny_with_profile):
     q = store.key.quantizer
     clamp = q.dequantize(q.quantize(exact))
     t = q.normalise(exact)
-    outside = (t < 0) | (t > 1)
+    outside = (t < -1e-5) | (t > 1 + 1e-5)                    # (the read decodes codes arithmetically: float noise)
     assert outside.any() and sum(b.out_idx.numel() for b in store.blocks) == int(outside.sum())
     # elements inside the range read back as the plain quantized value; the outliers did not (they are exact)
     assert torch.all((exact - clamp).abs()[~outside] < 1e-5)
@@ -152,7 +154,8 @@ def test_quantized_cache_inside_generate_tracks_positions(tiny_with_profile):
         got = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert torch.equal(got, ref)
     assert cache.get_seq_length() == 60 + 11
-    assert all(layer.stores[0].n_body == 71 - 4 - 8 for layer in cache.layers)
+    assert all(layer.stores[0].n_body + layer.stores[0].buf_k.shape[2] == 71 - 4 for layer in cache.layers)
+    assert all(8 <= layer.stores[0].buf_k.shape[2] < 8 + 32 for layer in cache.layers)
 
 
 def test_unpadded_batch_equals_rows_and_padded_batch_is_refused(tiny_with_profile):

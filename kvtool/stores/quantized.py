@@ -6,14 +6,16 @@ values (the retrieval heads of DuoAttention arXiv 2410.10819 keep the whole cont
   et al., arXiv 2401.18079). Static ranges let a key be quantized the moment it leaves the buffer.
 - Values are quantized per token in groups of `vgroup` channels (KIVI, Liu et al., arXiv 2402.02750).
 - The first `sink` tokens stay in 16 bits (attention sinks, as KVQuant keeps them); the last `buffer` tokens stay in
-  16 bits (KIVI's residual); with k = v = 16 nothing is quantized and every token stays in the buffer.
+  16 bits (KIVI's residual). Tokens leave the buffer in groups of `flush` (32 in the cache: between `buffer` and
+  `buffer + 31` tokens are 16-bit), so a decode step does not pay the quantizer's fixed cost for one token; with
+  k = v = 16 nothing is quantized and every token stays in the buffer.
 
 The body lives in blocks of at most `block` tokens (packed codes, value scales, outliers per block), so appending
 copies at most one block, and `attend` reads the body block by block: each block gives a partial softmax with its
 log-sum-exp, merged at the end (the split-K merge of cupy_kernels' fused kernel), so the body is never dequantized
-whole. Inside a block, packed bytes are decoded with one gather from a byte → (8/bits values) lookup table that
-already holds lo + span·level per channel (keys); values are never dequantized: with per-token group ranges,
-Σ_n p_n (lo_n + span_n·t_n) = p·lo + (p⊙span)·t per group.
+whole: only one block's keys and values exist in float at a time. With uniform levels the codes are unpacked by byte
+shifts and decoded by one addcmul (lo + span/(2^b − 1)·code; keys per channel, values per token group); k-means
+codebooks decode keys with one gather from a byte → (8/bits values) table of lo + span·level per channel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ register_field(
     simple("v", lambda t: _bits("v", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
            "Bits per value element of retrieval heads (16: not quantized).", "quantized"),
     simple("buffer", lambda t: _count("buffer", t, 0), 128, "tokens",
-           "Most recent tokens retrieval heads keep in 16 bits before quantizing them.", "quantized"),
+           "Most recent tokens retrieval heads keep in 16 bits before quantizing them (they leave in groups of 32, "
+           "so up to `buffer + 31` are 16-bit at a time).", "quantized"),
     simple("krope", lambda t: _choice("krope", t, ("post", "pre")), "post", "`post`, `pre`",
            "`pre` quantizes keys before RoPE (KVQuant): RoPE is undone with the model's own rotary table, then "
            "redone on read.", "quantized"),
@@ -51,6 +54,7 @@ register_field(
 )
 
 BLOCK = 1024                    # body tokens per block (amortises Python overhead; bounds the scratch of a read)
+FLUSH = 32                      # tokens leave the buffer in groups of this many (CompressedCache's stores)
 
 
 @dataclass
@@ -98,12 +102,6 @@ def key_table(quantizer: quant.ChannelQuantizer) -> torch.Tensor:
     return torch.addcmul(lo, span, lv.unsqueeze(1)).reshape(-1, per)      # [h·(D/per)·256, per]
 
 
-def level_table(levels: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 [(h ·) 256, per]: the levels of the codes each byte holds (values' normalised t in [0, 1])."""
-    lv = levels[..., byte_codes(bits, levels.device)]                     # [256, per] or [h, 256, per]
-    return lv.reshape(-1, 8 // bits)
-
-
 def gather_bytes(codes: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
     """codes uint8 [B, h, n, nb] → float32 [B, h, n, nb·per]: one index_select of the rows `code + offset` of
     `table` (key_table: offsets [h, nb] pick the head and byte column; per-head codebooks: offsets [h, 1])."""
@@ -112,8 +110,34 @@ def gather_bytes(codes: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor
     return table.index_select(0, idx.view(-1)).view(b, h, n, nb * table.shape[1])
 
 
+_OFFSETS: dict[tuple, torch.Tensor] = {}
+
+
 def key_offsets(h: int, nb: int, device) -> torch.Tensor:
-    return (torch.arange(h * nb, device=device) * 256).view(h, nb)
+    """long [h, nb]: the first key_table row of each (head, byte column)."""
+    key = (h, nb, str(device))
+    if key not in _OFFSETS:
+        _OFFSETS[key] = (torch.arange(h * nb, device=device) * 256).view(h, nb)
+    return _OFFSETS[key]
+
+
+def unpack_float(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed uint8 [..., nb] (2, 4 or 8 bits) → the codes as float32 [..., nb·8/bits], by shifts on the bytes (no
+    table): for uniform levels, level = code / (2^bits − 1), so lo + span·level is one addcmul away."""
+    if bits == 8:
+        return codes.float()
+    per, mask = 8 // bits, 2 ** bits - 1
+    parts = [codes & mask] + [(codes >> (bits * i)) & mask for i in range(1, per)]
+    return torch.stack(parts, -1).view(*codes.shape[:-1], codes.shape[-1] * per).float()
+
+
+def uniform(levels: torch.Tensor | None, bits: int) -> bool:
+    """True when `levels` is None or the evenly spaced levels of `bits` (so codes decode arithmetically)."""
+    if levels is None:
+        return True
+    if levels.dim() != 1:
+        return False
+    return bool(torch.equal(levels.cpu(), quant.uniform_levels(bits)))
 
 
 @register("quantized")
@@ -124,14 +148,16 @@ class QuantizedStore(Store):
 
     def __init__(self, k_bits: int, v_bits: int, sink: int, buffer: int, dtype: torch.dtype,
                  key: KeyFormat | None = None, value: ValueFormat | None = None, backend: str = "torch",
-                 block: int = BLOCK):
+                 block: int = BLOCK, flush: int = 1):
         self.k_bits, self.v_bits, self.n_sink, self.n_buffer, self.dtype = k_bits, v_bits, sink, buffer, dtype
-        self.key, self.value, self.backend, self.block = key, value, backend, block
+        self.key, self.value, self.backend, self.block, self.flush = key, value, backend, block, flush
+        self._k_uniform = k_bits in (2, 4, 8) and key is not None and uniform(key.quantizer.levels, k_bits)
+        self._v_uniform = v_bits in (2, 4, 8) and value is not None and uniform(value.levels, v_bits)
         self.reset()
 
     @classmethod
     def from_policy(cls, policy, dtype: torch.dtype, key=None, value=None, backend="torch", **_) -> "QuantizedStore":
-        return cls(policy.k, policy.v, policy.sink, policy.buffer, dtype, key, value, backend)
+        return cls(policy.k, policy.v, policy.sink, policy.buffer, dtype, key, value, backend, flush=FLUSH)
 
     @property
     def exact(self) -> bool:                                               # type: ignore[override]
@@ -171,7 +197,7 @@ class QuantizedStore(Store):
         self.buf_k = torch.cat([self.buf_k, k[:, :, take:].to(self.dtype)], 2)
         self.buf_v = torch.cat([self.buf_v, v[:, :, take:].to(self.dtype)], 2)
         self.seen = int(pos[-1]) + 1
-        if self.quantizes and self.buf_k.shape[2] > self.n_buffer:
+        if self.quantizes and self.buf_k.shape[2] >= self.n_buffer + self.flush:
             cut = self.buf_k.shape[2] - self.n_buffer
             start = self.first + self.sink_k.shape[2] + self.n_body
             done = 0
@@ -223,7 +249,10 @@ class QuantizedStore(Store):
         if self.k_bits >= 16:
             return blk.k.float()
         q = self.key.quantizer
-        if self.k_bits in (2, 4, 8):
+        if self.k_bits in (2, 4, 8) and self._k_uniform:                # lo + (span / (2^b − 1))·code
+            lo, step = self._key_affine()
+            x = torch.addcmul(lo, step, unpack_float(blk.k, self.k_bits))
+        elif self.k_bits in (2, 4, 8):
             if table is None:
                 table = key_table(q)
             x = gather_bytes(blk.k, table, key_offsets(blk.k.shape[1], blk.k.shape[3], blk.k.device))
@@ -237,6 +266,11 @@ class QuantizedStore(Store):
             x = self.key.rope.rotate_rows(x, blk.start)
         return x
 
+    def _key_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """lo and span / (2^b − 1), each [h, 1, D], from the key ranges (per read, not held)."""
+        q = self.key.quantizer
+        return q.lo.unsqueeze(1), (q.span * (1.0 / (2 ** self.k_bits - 1))).unsqueeze(1)
+
     def block_values(self, blk: Block) -> torch.Tensor:
         """The values of one body block, float32 [B, h, n, D] (used by `read` and wide query chunks)."""
         if self.v_bits >= 16:
@@ -244,23 +278,16 @@ class QuantizedStore(Store):
         f = self.value
         return quant.dequantize_tokens(blk.v, blk.v_lo, blk.v_span, f.bits, f.levels)
 
-    def _weighted_values(self, p: torch.Tensor, blk: Block, vtable) -> torch.Tensor:
-        """p [B, h, G·t, n] (unnormalised weights) → Σ_n p·v [B, h, G·t, D]. For a narrow query the block is not
-        dequantized: per value group c, Σ_n p_n (lo_nc + span_nc·t_nc) = p·lo_c + (p⊙span_c)·t_c."""
-        b, h, gt, n = p.shape
-        if self.v_bits >= 16 or vtable is None or gt * blk.v_lo.shape[-1] > 8 * blk.v.shape[-1] // self.v_bits:
-            return torch.matmul(p, self.block_values(blk))
-        f = self.value
-        per_head = f.levels is not None and f.levels.dim() == 2
-        offs = (torch.arange(h, device=p.device) * 256).view(h, 1) if per_head else None
-        t = gather_bytes(blk.v, vtable, offs)                              # [B, h, n, D] levels in [0, 1]
-        c = blk.v_lo.shape[-1]
-        g = t.shape[-1] // c
-        lo = blk.v_lo.float()                                              # [B, h, n, C]
-        span = blk.v_span.float().transpose(-1, -2).unsqueeze(-2)          # [B, h, C, 1, n]
-        base = torch.matmul(p, lo)                                         # [B, h, G·t, C]
-        out = [torch.matmul(p * span[:, :, i], t[..., i * g:(i + 1) * g]) for i in range(c)]   # [B, h, G·t, g]
-        return (torch.stack(out, -2) + base.unsqueeze(-1)).reshape(b, h, gt, c * g)
+    def _weighted_values(self, p: torch.Tensor, blk: Block) -> torch.Tensor:
+        """p [B, h, G·t, n] (unnormalised weights) → Σ_n p·v [B, h, G·t, D], the block's values decoded by one
+        addcmul (uniform levels: lo + span/(2^b − 1)·code) or its codebook, for this block only."""
+        if self.v_bits in (2, 4, 8) and self._v_uniform:
+            b, h, n, c = blk.v_lo.shape
+            codes = unpack_float(blk.v, self.v_bits)                       # [B, h, n, D]
+            step = blk.v_span.float().mul_(1.0 / (2 ** self.v_bits - 1)).unsqueeze(-1)
+            v = torch.addcmul(blk.v_lo.float().unsqueeze(-1), step, codes.view(b, h, n, c, -1)).view(b, h, n, -1)
+            return torch.matmul(p, v)
+        return torch.matmul(p, self.block_values(blk))
 
     def attend(self, q, qpos, scaling, new=None):
         """q [B, h·G, t, D] → (out, lse) over sink | body blocks | buffer (| the exact new chunk), causal."""
@@ -271,11 +298,8 @@ class QuantizedStore(Store):
             g = hq // h
             qf = q.float().reshape(b, h, g * t, d)
             qmin = int(qpos.min())
-            ktab = key_table(self.key.quantizer) if self.k_bits in (2, 4, 8) and self.blocks else None
-            vtab = None
-            if self.v_bits in (2, 4, 8) and self.blocks:
-                vtab = level_table(self.value.levels if self.value.levels is not None
-                                   else quant.uniform_levels(self.v_bits).to(q.device), self.v_bits)
+            ktab = key_table(self.key.quantizer) if self.k_bits in (2, 4, 8) and self.blocks \
+                and not self._k_uniform else None
             qt = (qf * scaling).transpose(-1, -2)                            # [B, h, D, G·t]
             for blk in self.blocks:
                 # scores as keys × queries (the block is the big operand, row-major), then [B, h, G·t, n]
@@ -286,7 +310,7 @@ class QuantizedStore(Store):
                 m = sc.amax(-1, keepdim=True).clamp_min(-1e30)             # [B, h, G·t, 1]
                 pw = sc.sub_(m).exp_()                                     # unnormalised weights, in place
                 lsum = pw.sum(-1, keepdim=True)                            # [B, h, G·t, 1]
-                out = self._weighted_values(pw, blk, vtab) / lsum.clamp_min(1e-30)
+                out = self._weighted_values(pw, blk) / lsum.clamp_min(1e-30)
                 lse = (m + lsum.log()).reshape(b, hq, t)
                 parts.append((out.reshape(b, hq, t, d), lse))
         ks, vs, kpos = [], [], []

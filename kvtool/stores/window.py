@@ -73,6 +73,14 @@ class WindowStore(Store):
 
     def attend(self, q, qpos, scaling, new=None):
         """q [B, h·G, t, D] → (out, lse) over sink | recent (| the exact new chunk), under the window rule."""
+        if new is not None and q.shape[2] == 1 and int(qpos[0]) == self.seen:
+            # a decode step: the window rule only drops the oldest recent token once `recent` are held
+            drop = max(0, 0 if self.recent_k is None else self.recent_k.shape[2] - (self.n_recent - 1))
+            ks = [] if self.sink_k is None else [self.sink_k, self.recent_k[:, :, drop:]]
+            vs = [] if self.sink_v is None else [self.sink_v, self.recent_v[:, :, drop:]]
+            k = torch.cat([x.float() for x in ks] + [new[0].float()], 2)
+            v = torch.cat([x.float() for x in vs] + [new[1].float()], 2)
+            return partial(q, k, v, scaling)
         parts_k, parts_v, kpos = [], [], []
         if len(self):
             parts_k += [self.sink_k, self.recent_k]
