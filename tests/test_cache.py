@@ -157,3 +157,44 @@ def test_sliding_window_layers_match_dynamic_cache(policy):
     assert seen == 61
     full = sum(min(seen, window - 1) if t == "sliding_attention" else seen for t in model.config.layer_types)
     assert cache.full_nbytes(torch.float32) == 2 * 2 * full * 16 * 4
+
+
+def test_cupy_decode_dispatch_plumbing_on_cpu(monkeypatch):
+    """The fused decode path (backend "cupy", one token) hands each store's parts to the kernels; with the kernels'
+    torch twins standing in for CUDA, its greedy tokens equal the torch path's."""
+    import cupy_kernels
+    from cupy_kernels import reference
+    from kvtool.api import profile_model
+    from kvtool.trace import TraceConfig
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)                                   # head_dim 32: a shape the kernels take
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)).eval()
+    prof = profile_model(model, [needle_sample(T=96, seed=s) for s in range(2)],
+                         config=TraceConfig(sink=4, recent=16, query_samples=8))
+    calls = []
+
+    def twin(name):
+        def run(*args, backend="torch", **kw):
+            calls.append(name)
+            return getattr(reference, name)(*args, **kw).to(args[0].dtype)
+        return run
+
+    monkeypatch.setattr(cupy_kernels, "decode_attention", twin("decode_attention"))
+    monkeypatch.setattr(cupy_kernels, "window_attention", twin("window_attention"))
+    ids = needle_sample(T=60, seed=4).input_ids.view(1, -1)
+    policy = "heads=random:0.5:1,k=8,v=8,sink=4,recent=16,buffer=8"
+    outs = {}
+    for backend in ("torch", "cupy"):
+        cache = CompressedCache(model, prof, policy, backend="torch")
+        for layer in cache.layers:
+            layer.backend = backend
+            for store in layer.stores:
+                store.dtype = torch.float16
+        with torch.no_grad():
+            outs[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    model.set_attn_implementation("sdpa")
+    assert {"decode_attention", "window_attention"} <= set(calls)
+    assert torch.equal(outs["torch"], outs["cupy"])

@@ -87,24 +87,30 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
 
 
 def softmax_partial(s: torch.Tensor, v: torch.Tensor, b: int, hq: int, t: int):
-    """Scores s [B, h, G·t, n] (masked with -inf), values v [B, h, n, D] float32 → (out [B, h·G, t, D], lse)."""
-    lse = torch.logsumexp(s, -1, keepdim=True)                                  # [B, h, G·t, 1]
-    p = torch.exp(s - lse.nan_to_num(neginf=0.0))                              # all-masked rows: exp(-inf) = 0
-    out = torch.matmul(p, v)                                                    # [B, h, G·t, D]
-    return out.reshape(b, hq, t, -1), lse.reshape(b, hq, t)
+    """Scores s [B, h, G·t, n] (masked with -inf) → (out [B, h·G, t, D], lse [B, h·G, t]), softmax over n of
+    values v [B, h, n, D] float32. In place on s; a row with no visible key gets out 0, lse -inf."""
+    m = s.amax(-1, keepdim=True).clamp_min_(-1e30)                             # [B, h, G·t, 1]
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)                                             # [B, h, G·t, 1]
+    out = torch.matmul(p, v).div_(total.clamp_min(1e-30))                     # [B, h, G·t, D]
+    lse = total.log_().add_(m)
+    return out.view(b, hq, t, -1), lse.view(b, hq, t)
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp merge of partial results [(out [B, hq, t, D], lse [B, hq, t])] over disjoint key sets → the
     result over their union (exact: softmax over a union = the lse-weighted mix of the parts' softmaxes)."""
-    parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
     lse = torch.stack([p[1] for p in parts])                                    # [P, B, hq, t]
-    total = torch.logsumexp(lse, 0)                                             # [B, hq, t]
-    w = torch.exp(lse - total.nan_to_num(neginf=0.0)).unsqueeze(-1)            # [P, B, hq, t, 1]
-    out = sum(w[i] * p[0] for i, p in enumerate(parts))
-    return out, total
+    m = lse.amax(0).clamp_min_(-1e30)                                           # [B, hq, t]
+    w = (lse - m).exp_()                                                        # [P, B, hq, t]
+    total = w.sum(0)
+    out = parts[0][0] * w[0].unsqueeze(-1)
+    for i in range(1, len(parts)):
+        out.addcmul_(parts[i][0], w[i].unsqueeze(-1))
+    out.div_(total.clamp_min(1e-30).unsqueeze(-1))
+    return out, total.log_().add_(m)
 
 
 def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ register_field(
            "quantized"),
 )
 
-BLOCK = 1024                    # body tokens per block (amortises Python overhead; bounds the scratch of a read)
+BLOCK = 2048                    # body tokens per block (amortises Python overhead; bounds the scratch of a read)
 FLUSH = 32                      # tokens leave the buffer in groups of this many (CompressedCache's stores)
 
 
@@ -157,7 +157,7 @@ class QuantizedStore(Store):
 
     @classmethod
     def from_policy(cls, policy, dtype: torch.dtype, key=None, value=None, backend="torch", **_) -> "QuantizedStore":
-        return cls(policy.k, policy.v, policy.sink, policy.buffer, dtype, key, value, backend, flush=FLUSH)
+        return cls(policy.k, policy.v, policy.sink, policy.buffer, dtype, key, value, backend, block=BLOCK, flush=FLUSH)
 
     @property
     def exact(self) -> bool:                                               # type: ignore[override]
@@ -313,10 +313,16 @@ class QuantizedStore(Store):
                 out = self._weighted_values(pw, blk) / lsum.clamp_min(1e-30)
                 lse = (m + lsum.log()).reshape(b, hq, t)
                 parts.append((out.reshape(b, hq, t, d), lse))
+        if new is not None and t == 1 and len(self) and int(qpos[0]) >= self.seen:
+            # a decode step: every held token and the new one are visible; one 16-bit part, no mask
+            k = torch.cat([torch.cat([self.sink_k, self.buf_k], 2).float(), new[0].float()], 2)
+            v = torch.cat([torch.cat([self.sink_v, self.buf_v], 2).float(), new[1].float()], 2)
+            parts.append(partial(q, k, v, scaling))
+            return merge(parts)
         ks, vs, kpos = [], [], []
         if len(self):
-            ks += [self.sink_k, self.buf_k]
-            vs += [self.sink_v, self.buf_v]
+            ks.append(torch.cat([self.sink_k, self.buf_k], 2))
+            vs.append(torch.cat([self.sink_v, self.buf_v], 2))
             n_s, n_b = self.sink_k.shape[2], self.buf_k.shape[2]
             kpos += [torch.arange(self.first, self.first + n_s, device=q.device),
                      torch.arange(self.seen - n_b, self.seen, device=q.device)]

@@ -102,6 +102,17 @@ class WindowStore(Store):
     def nbytes(self) -> int:
         return tensor_bytes(self.sink_k, self.sink_v, self.recent_k, self.recent_v)
 
+    def fused_ok(self) -> bool:
+        return True
+
+    def fused_decode(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """A decode step on the CuPy kernel, after the new token was appended: q [B, h·G, D] → [B, h·G, D] over the
+        sink and the last `recent` tokens (exactly what the window rule lets the newest token see)."""
+        import cupy_kernels
+
+        return cupy_kernels.window_attention(q, torch.cat([self.sink_k, self.recent_k], 2),
+                                             torch.cat([self.sink_v, self.recent_v], 2), scaling, backend="cupy")
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v) if t is not None]
 
