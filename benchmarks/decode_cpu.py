@@ -91,7 +91,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--policy", default=POLICY)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 by default: on a shared machine, more threads than free cores make every "
+                         "small op wait on its OpenMP team, which hurts the many small ops of a blocked read most)")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

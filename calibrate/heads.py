@@ -1,4 +1,5 @@
-"""What every head-classification method returns, and the one way kvtool turns scores into a retrieval mask."""
+"""What every head-classification method returns. The one way kvtool turns scores into a retrieval mask lives in
+kvtool.select (shared with the runtime) and is re-exported here."""
 
 from __future__ import annotations
 

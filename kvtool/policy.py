@@ -191,11 +191,6 @@ def field_table_markdown() -> str:
     return "\n".join(rows)
 
 
-def field_help() -> str:
-    """One line per field, for `kvtool run --help`-like listings."""
-    return "; ".join(f"{f.name} ({f.owner})" for f in fields().values())
-
-
 def _count(key: str, value: str, least: int) -> int:
     try:
         n = int(value)

@@ -13,9 +13,11 @@ values (the retrieval heads of DuoAttention arXiv 2410.10819 keep the whole cont
 The body lives in blocks of at most `block` tokens (packed codes, value scales, outliers per block), so appending
 copies at most one block, and `attend` reads the body block by block: each block gives a partial softmax with its
 log-sum-exp, merged at the end (the split-K merge of cupy_kernels' fused kernel), so the body is never dequantized
-whole: only one block's keys and values exist in float at a time. With uniform levels the codes are unpacked by byte
-shifts and decoded by one addcmul (lo + span/(2^b − 1)·code; keys per channel, values per token group); k-means
-codebooks decode keys with one gather from a byte → (8/bits values) table of lo + span·level per channel.
+whole: only one block's keys exist in float at a time. With uniform levels the codes are unpacked by byte shifts;
+keys are decoded by one addcmul (lo + span/(2^b − 1)·code per channel, then RoPE for pre-RoPE keys), and at a decode
+step values are not decoded at all: with per-token group ranges, Σ_n p_n (lo_n + span_n·t_n) = p·lo + (p⊙span)·t per
+group. k-means codebooks decode keys with one gather from a byte → (8/bits values) table of lo + span·level per
+channel, and values through kvtool.quant.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ register_field(
            "quantized"),
 )
 
-BLOCK = 2048                    # body tokens per block (amortises Python overhead; bounds the scratch of a read)
+BLOCK = 4096                    # body tokens per block: on CPU the per-op overhead of small reads dominates up to a
+                                # few thousand tokens (benchmarks/decode_cpu.py); still bounds a read's float scratch
 FLUSH = 32                      # tokens leave the buffer in groups of this many (CompressedCache's stores)
 
 
@@ -279,15 +282,24 @@ class QuantizedStore(Store):
         return quant.dequantize_tokens(blk.v, blk.v_lo, blk.v_span, f.bits, f.levels)
 
     def _weighted_values(self, p: torch.Tensor, blk: Block) -> torch.Tensor:
-        """p [B, h, G·t, n] (unnormalised weights) → Σ_n p·v [B, h, G·t, D], the block's values decoded by one
-        addcmul (uniform levels: lo + span/(2^b − 1)·code) or its codebook, for this block only."""
-        if self.v_bits in (2, 4, 8) and self._v_uniform:
-            b, h, n, c = blk.v_lo.shape
-            codes = unpack_float(blk.v, self.v_bits)                       # [B, h, n, D]
-            step = blk.v_span.float().mul_(1.0 / (2 ** self.v_bits - 1)).unsqueeze(-1)
-            v = torch.addcmul(blk.v_lo.float().unsqueeze(-1), step, codes.view(b, h, n, c, -1)).view(b, h, n, -1)
-            return torch.matmul(p, v)
-        return torch.matmul(p, self.block_values(blk))
+        """p [B, h, G·t, n] (unnormalised weights) → Σ_n p·v [B, h, G·t, D]. For a narrow query (a decode step) the
+        block's values are not decoded to floats: per value group c, Σ_n p_n (lo_nc + span_nc·t_nc) =
+        p·lo_c + (p⊙span_c)·t_c, with t the unpacked codes (uniform levels: span/(2^b − 1) per code step)."""
+        b, h, gt, n = p.shape
+        c = blk.v_lo.shape[-1] if blk.v_lo is not None else 0
+        if not (self.v_bits in (2, 4, 8) and self._v_uniform) or gt * c > 8 * blk.v.shape[-1] // self.v_bits:
+            if self.v_bits in (2, 4, 8) and self._v_uniform:               # wide query: decode the block once
+                codes = unpack_float(blk.v, self.v_bits)                   # [B, h, n, D]
+                step = blk.v_span.float().mul_(1.0 / (2 ** self.v_bits - 1)).unsqueeze(-1)
+                v = torch.addcmul(blk.v_lo.float().unsqueeze(-1), step, codes.view(b, h, n, c, -1)).view(b, h, n, -1)
+                return torch.matmul(p, v)
+            return torch.matmul(p, self.block_values(blk))
+        t = unpack_float(blk.v, self.v_bits)                               # [B, h, n, D] codes as floats
+        g = t.shape[-1] // c
+        span = blk.v_span.float().mul_(1.0 / (2 ** self.v_bits - 1)).transpose(-1, -2).unsqueeze(-2)  # [B,h,C,1,n]
+        base = torch.matmul(p, blk.v_lo.float())                           # [B, h, G·t, C]
+        out = [torch.matmul(p * span[:, :, i], t[..., i * g:(i + 1) * g]) for i in range(c)]   # [B, h, G·t, g]
+        return (torch.stack(out, -2) + base.unsqueeze(-1)).reshape(b, h, gt, c * g)
 
     def attend(self, q, qpos, scaling, new=None):
         """q [B, h·G, t, D] → (out, lse) over sink | body blocks | buffer (| the exact new chunk), causal."""
@@ -300,10 +312,10 @@ class QuantizedStore(Store):
             qmin = int(qpos.min())
             ktab = key_table(self.key.quantizer) if self.k_bits in (2, 4, 8) and self.blocks \
                 and not self._k_uniform else None
-            qt = (qf * scaling).transpose(-1, -2)                            # [B, h, D, G·t]
+            qs = qf * scaling                                                # [B, h, G·t, D]
             for blk in self.blocks:
-                # scores as keys × queries (the block is the big operand, row-major), then [B, h, G·t, n]
-                sc = torch.matmul(self.block_keys(blk, ktab), qt).transpose(-1, -2).contiguous()
+                # q·kᵀ with the block transposed (BLAS reads it as is; [n, D]·[D, G·t] is ~4x slower on CPU)
+                sc = torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2))      # [B, h, G·t, n]
                 if blk.start + blk.n - 1 > qmin:                           # some key lies after some query
                     kpos = torch.arange(blk.start, blk.start + blk.n, device=q.device)
                     sc.masked_fill_(~self.visible(qpos, kpos).repeat(g, 1), float("-inf"))

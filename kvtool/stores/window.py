@@ -52,6 +52,13 @@ class WindowStore(Store):
             empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=self.dtype)
             self.sink_k = self.sink_v = self.recent_k = self.recent_v = empty
         t = k.shape[2]
+        if t == 1 and self.seen >= self.n_sink and self.recent_k.shape[2] >= self.n_recent:   # a decode step, full
+            self.recent_k = torch.cat([self.recent_k[:, :, 1 - self.n_recent:] if self.n_recent > 1
+                                       else self.recent_k[:, :, :0], k.to(self.dtype)], 2)
+            self.recent_v = torch.cat([self.recent_v[:, :, 1 - self.n_recent:] if self.n_recent > 1
+                                       else self.recent_v[:, :, :0], v.to(self.dtype)], 2)
+            self.seen = int(pos[-1]) + 1
+            return
         take = max(0, min(t, self.n_sink - self.seen))                   # tokens that are still sink tokens
         if take:
             self.sink_k = torch.cat([self.sink_k, k[:, :, :take].to(self.dtype)], 2)
@@ -76,10 +83,10 @@ class WindowStore(Store):
         if new is not None and q.shape[2] == 1 and int(qpos[0]) == self.seen:
             # a decode step: the window rule only drops the oldest recent token once `recent` are held
             drop = max(0, 0 if self.recent_k is None else self.recent_k.shape[2] - (self.n_recent - 1))
-            ks = [] if self.sink_k is None else [self.sink_k, self.recent_k[:, :, drop:]]
-            vs = [] if self.sink_v is None else [self.sink_v, self.recent_v[:, :, drop:]]
-            k = torch.cat([x.float() for x in ks] + [new[0].float()], 2)
-            v = torch.cat([x.float() for x in vs] + [new[1].float()], 2)
+            if self.sink_k is None:
+                return partial(q, new[0], new[1], scaling)
+            k = torch.cat([torch.cat([self.sink_k, self.recent_k[:, :, drop:]], 2).float(), new[0].float()], 2)
+            v = torch.cat([torch.cat([self.sink_v, self.recent_v[:, :, drop:]], 2).float(), new[1].float()], 2)
             return partial(q, k, v, scaling)
         parts_k, parts_v, kpos = [], [], []
         if len(self):
