@@ -31,7 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
-from kvtool.cache import window_allowed
+from kvtool.windows import window_allowed
 from kvtool.errors import KvtoolError
 from kvtool.trace import Dims, attention_modules
 

@@ -4,7 +4,7 @@ arXiv 2404.15574).
 On needle samples, while the model (teacher-forced) produces each answer token, a query head scores a hit when its
 top-attended token is a needle token equal to the token being produced; the score is hits / answer tokens, over the
 samples whose answers the model recalls (> 50% of answer tokens predicted). Heads above `threshold` (0.1 in the
-paper) are retrieval heads. The score comes from kvtool's trace (`heads.retrieval_score`, already the max over each
+paper) are retrieval heads. The score comes from kvtool's trace (`heads.copy_score`, already the max over each
 KV group); an existing profile traced on passkey data is reused instead of tracing again, unless `reuse=False`
 (the CLI sets it when --samples or --seq-len is given: then new passkey samples are traced with those).
 """
@@ -18,6 +18,7 @@ import torch
 from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
 from kvtool.errors import KvtoolError
+from kvtool.sections import COPY_SCORE
 
 
 @register("retrieval")
@@ -32,7 +33,7 @@ class Retrieval:
 
     def reuses(self, profile) -> bool:
         """True when the copy scores come from `profile`'s own passkey trace (nothing is traced)."""
-        return self.reuse and profile is not None and "heads.retrieval_score" in profile \
+        return self.reuse and profile is not None and COPY_SCORE in profile \
             and profile.calibration.get("data", {}).get("kind") == "passkey"
 
     def run(self, model, tokenizer, profile=None, fraction: float | None = None, on_progress=None) -> HeadsResult:
@@ -47,10 +48,9 @@ class Retrieval:
 
     def _scores(self, model, tokenizer, profile, on_progress):
         if self.reuses(profile):
-            return profile["heads.retrieval_score"].float(), "profile"
-        from kvtool.api import check_lengths
+            return profile[COPY_SCORE].float(), "profile"
         from kvtool.data import passkey_samples
-        from kvtool.trace import TraceConfig, Tracer
+        from kvtool.trace import TraceConfig, Tracer, check_lengths
 
         cfg = TraceConfig(sink=min(64, self.seq_len // 8), recent=min(256, self.seq_len // 4))
         check_lengths(model, self.seq_len, cfg)
@@ -60,4 +60,4 @@ class Retrieval:
         if recall.count[0] > 0 and stats.acc["copy"].count.max() == 0:
             raise KvtoolError("the model recalled none of the passkeys, so no copy score exists; "
                               "try shorter --seq-len or fewer needles")
-        return stats.derive()["heads.retrieval_score"], "trace"
+        return stats.derive()[COPY_SCORE], "trace"

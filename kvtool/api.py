@@ -11,23 +11,9 @@ import torch
 from kvtool import __version__
 from kvtool.errors import KvtoolError
 from kvtool.profile import Profile, model_meta
-from kvtool.trace import Dims, TraceConfig, TraceStats, Tracer, config_dict
+from kvtool.trace import Dims, TraceConfig, TraceStats, Tracer, check_lengths, config_dict  # noqa: F401
 
-DEFAULT_POLICY = {"heads": "retrieval:0.5", "sink": 64, "recent": 256, "k_bits": 16, "v_bits": 16}
-
-
-def check_lengths(model, seq_len: int, config: TraceConfig, limit: int | None = None) -> None:
-    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics. Without a
-    model (None: before loading it) the context is `limit`, when known."""
-    if model is not None:
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
-    if seq_len <= config.sink + config.recent:
-        raise KvtoolError(
-            f"--seq-len {seq_len} must exceed sink + recent = {config.sink + config.recent} "
-            "(lower --sink/--recent or raise --seq-len)"
-        )
+DEFAULT_POLICY = {"policy": "heads=retrieval:0.5"}      # kvtool.policy: the canonical policy string (kvtool.policy)
 
 
 def profile_model(model, samples, *, config: TraceConfig | None = None, data: dict | None = None, seed: int = 42,
@@ -145,7 +131,8 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
     """Run a registered calibration method and return `profile` (or a new one) with its section.
 
     Head methods (a `calibrate.heads.HeadsResult`) write `heads.<method>.*`: continuous score, chosen mask, method
-    extras, and set the default policy's `heads` to `<method>:<fraction kept>`; other methods write their own section
+    extras, and set the default policy's `heads` to `<method>:<fraction kept>` (stored as the canonical policy
+    string); other methods write their own section
     (`kvquant`: `quant.*` codebooks) and leave the policy alone. Provenance goes under
     kvtool.calibration["methods"][method] (head methods add their `windows`)."""
     import calibrate as registry
@@ -180,6 +167,9 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
     calibration["methods"] = {**calibration.get("methods", {}), method: entry}
     policy = dict(profile.policy)
     if heads:
+        from kvtool.policy import Policy
+
         kept = result.tensors["mask"].float().mean().item()
-        policy["heads"] = f"{method}:{kept:.4g}"
+        policy = Policy.from_profile(profile.policy).replace(heads=method, fraction=float(f"{kept:.4g}"),
+                                                             seed=0).to_profile()
     return Profile(tensors=tensors, model=profile.model, calibration=calibration, policy=policy)

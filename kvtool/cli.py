@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from kvtool import sections
 from kvtool.errors import KvtoolError
 from kvtool.textsafe import plain, shown
 
@@ -209,8 +210,8 @@ def _lengths(lengths) -> str:
 
 
 def _head_counts(prof) -> dict:
-    ret, stream = prof["heads.retrieval_score"], prof["heads.streaming_mass"]
-    return {"kv_heads": ret.numel(), "heads_retrieval_score_over_0.1": int((ret > 0.1).sum()),
+    ret, stream = prof[sections.COPY_SCORE], prof[sections.STREAMING_MASS]
+    return {"kv_heads": ret.numel(), "heads_copy_score_over_0.1": int((ret > 0.1).sum()),
             "mean_streaming_mass": round(stream.mean().item(), 4)}
 
 

@@ -171,7 +171,7 @@ def _keyed(table_rows: list[dict], width: int) -> list[tuple[str, str]]:
 def run(
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile (default: the shipped one for the default model)."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Compression policy, e.g. heads=duo:0.5,k=4bit,v=4bit,sink=64,recent=256 (default: the profile's)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Compression policy, e.g. heads=duo:0.5,k=4,v=4,krope=pre (default: the profile's). Fields: see the kvtool.policy table (`python -m kvtool.policy`) / docs/runtime.md."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Generate from this prompt."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Generate from the text of this file."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate with --prompt."),

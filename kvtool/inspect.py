@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kvtool import lowrank, sharing
+from kvtool import lowrank, sections, sharing
 from kvtool.errors import KvtoolError
 from kvtool.fileio import atomic_write
 from kvtool.profile import Profile
@@ -19,11 +19,11 @@ def summarize(profile: Profile, top: int = 10) -> dict:
     """Tables of a profile: retrieval-like and streaming-like heads, layer similarity, outlier channels, PCA, and the
     pca (`lowrank`: ranks by energy) and pod (layer groups and key-map errors) sections where present."""
     out = {"model": profile.model, "calibration": {k: v for k, v in profile.calibration.items() if k != "lengths"}}
-    if "heads.retrieval_score" in profile:
+    if sections.COPY_SCORE in profile:
         out["retrieval_heads"] = _rank_heads(profile, "retrieval", top)
         out["streaming_heads"] = _rank_heads(profile, "streaming", top)
-    if "layers.similarity" in profile:
-        sim = profile["layers.similarity"]                                      # [L-1, H_kv]
+    if sections.LAYER_SIMILARITY in profile:
+        sim = profile[sections.LAYER_SIMILARITY]                                      # [L-1, H_kv]
         out["layer_similarity"] = [
             {"layers": f"{i}-{i + 1}", "mean": round(sim[i].mean().item(), 4), "min": round(sim[i].min().item(), 4),
              "max": round(sim[i].max().item(), 4)} for i in range(sim.shape[0])
@@ -41,8 +41,8 @@ def summarize(profile: Profile, top: int = 10) -> dict:
 
 
 def _rank_heads(profile: Profile, kind: str, top: int) -> list[dict]:
-    ret, stream = profile["heads.retrieval_score"], profile["heads.streaming_mass"]   # [L, H_kv]
-    sink, ent = profile["heads.sink_mass"], profile["heads.entropy"]
+    ret, stream = profile[sections.COPY_SCORE], profile[sections.STREAMING_MASS]   # [L, H_kv]
+    sink, ent = profile[sections.SINK_MASS], profile[sections.ENTROPY]
     L, H = ret.shape
     flat = [(l, h) for l in range(L) for h in range(H)]
     if kind == "retrieval":   # highest copy score first; ties: the least streaming head
@@ -58,7 +58,7 @@ def _methods(profile: Profile) -> dict:
     """Per calibration method with a `heads.<method>.mask`: how many retrieval heads, and which."""
     out = {}
     for name in sorted({k.split(".")[1] for k in profile.tensors if k.startswith("heads.") and k.endswith(".mask")}):
-        mask, score = profile[f"heads.{name}.mask"], profile[f"heads.{name}.score"]
+        mask, score = profile[sections.heads_mask(name)], profile[sections.heads_score(name)]
         heads = [(l, h) for l, h in mask.nonzero().tolist()]
         heads.sort(key=lambda lh: -score[lh].item())
         out[name] = {"retrieval_heads": len(heads), "kv_heads": mask.numel(),
@@ -70,7 +70,7 @@ def _methods(profile: Profile) -> dict:
 def _outliers(profile: Profile, top: int) -> list[dict]:
     rows = []
     for name in ("key_pre", "key_post", "value"):
-        key = f"channels.{name}.absmax"
+        key = sections.channels(name, "absmax")
         if key not in profile:
             continue
         absmax = profile[key]                                                   # [L, H_kv, D]
@@ -85,14 +85,14 @@ def _outliers(profile: Profile, top: int) -> list[dict]:
 
 def explained(profile: Profile, name: str) -> torch.Tensor:
     """Cumulative explained-variance fraction [L, H_kv, D] of the PCA of `name` (key_pre / key_post / value)."""
-    ev = profile[f"pca.{name}.eigvals"].double()
+    ev = profile[sections.pca(name, "eigvals")].double()
     return (ev.cumsum(-1) / ev.sum(-1, keepdim=True).clamp_min(1e-30)).float()
 
 
 def _pca_table(profile: Profile) -> list[dict]:
     rows = []
     for name in ("key_pre", "key_post", "value"):
-        if f"pca.{name}.eigvals" not in profile:
+        if sections.pca(name, "eigvals") not in profile:
             continue
         cum = explained(profile, name)
         d = cum.shape[-1]
@@ -162,12 +162,12 @@ def plot(profile: Profile, path: str | os.PathLike) -> Path:
     import matplotlib.patches
     import matplotlib.pyplot as plt
 
-    panels = [("heads.retrieval_score", "retrieval (copy) score", "magma"),
-              ("heads.streaming_mass", "attention mass on sink + recent", "viridis"),
-              ("layers.similarity", "similarity to next layer (1 - JS)", "cividis")]
+    panels = [(sections.COPY_SCORE, "retrieval (copy) score", "magma"),
+              (sections.STREAMING_MASS, "attention mass on sink + recent", "viridis"),
+              (sections.LAYER_SIMILARITY, "similarity to next layer (1 - JS)", "cividis")]
     panels = [(k, t, c) for k, t, c in panels if k in profile]
-    panels += [(f"heads.{m}.score", f"{m} score (□ = retrieval head)", "magma") for m in _methods(profile)]
-    pca = [n for n in ("key_pre", "value") if f"pca.{n}.eigvals" in profile]
+    panels += [(sections.heads_score(m), f"{m} score (□ = retrieval head)", "magma") for m in _methods(profile)]
+    pca = [n for n in ("key_pre", "value") if sections.pca(n, "eigvals") in profile]
     extra = _method_panels(profile)
     n = len(panels) + len(pca) + len(extra)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 6), squeeze=False)

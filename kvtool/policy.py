@@ -1,52 +1,108 @@
-"""Compression policy strings: `heads=duo:0.5,k=4bit,v=4bit,sink=64,recent=256`.
+"""Compression policy strings: `heads=duo:0.5,k=4,v=4,krope=pre`, and the one table of their fields.
 
-Fields (comma-separated `key=value`, every field optional):
-  heads     which KV heads keep the whole context (retrieval); the others keep sink + recent tokens (streaming):
-            `all` (every head; the default), `none` (every head streaming), `<method>` (the mask stored by that
-            calibration method), `<method>:<fraction>` (the top fraction of that method's score, a global quantile),
-            `<fraction>` alone (the profile's own method at that fraction), `random:<fraction>[:seed]`.
-  sink      tokens kept at the start in 16 bits (by streaming heads, and by retrieval heads before the quantized
-            body); default 64
-  recent    most recent tokens kept by streaming heads; default 256
-  k, v      bits per key / value element of retrieval heads: 2, 3, 4, 8 or 16 (no quantization); `4bit` works too
-  buffer    most recent tokens retrieval heads keep in 16 bits before quantizing them; default 128
-  krope     `post` (quantize keys after RoPE; default) or `pre` (undo RoPE, quantize, redo it on read — KVQuant)
-  kclip     quantile of the calibrated per-channel key range: 1 (min..max), 0.999 (default), 0.995, 0.99
-  outliers  `on`: key elements outside the clipped range are stored exactly (sparse, 16 bits); `off` clamps them
-  codebook  `uniform` (default) or `kmeans` (non-uniform levels from `kvtool calibrate --method kvquant`)
-  vgroup    channels per value scale group (per token), a divisor of head_dim; default 32 (head_dim if narrower)
-  dtype     storage of the unquantized parts: `auto` (16 bits: the model's dtype if it is 16-bit, else float16),
-            `model` (exactly the model's dtype), `fp16`, `bf16`, `fp32`
+A policy is comma-separated `key=value` fields, every field optional. Each field belongs to the store that reads it
+(kvtool/stores/*.py declares its fields with `register_field`); this module holds the table, parses a string against
+it, and prints the canonical string back. `kvtool.policy.fields()` is the table (name, parser, default, help);
+`field_table_markdown()` is the list in docs/runtime.md (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from kvtool.errors import KvtoolError
 
 QUANT_BITS = (2, 3, 4, 8, 16)
 CLIP_LEVELS = (1.0, 0.999, 0.995, 0.99)
 DTYPES = ("auto", "model", "fp16", "bf16", "fp32")
-FIELDS = ("heads", "sink", "recent", "k", "v", "buffer", "krope", "kclip", "outliers", "codebook", "vgroup", "dtype")
 
 
 @dataclass(frozen=True)
+class Field:
+    """One policy field. `parse(text, default_method)` turns the text after `name=` into {attribute: value} (one
+    field may set several attributes: `heads` sets heads, fraction, seed); `default` holds those attributes'
+    defaults; `show(values)` prints the field back (None: leave it out). `values` and `help` are for the docs and
+    `kvtool run --help`; `owner` names the store (or `layer`) that reads it."""
+    name: str
+    parse: Callable[[str, str | None], dict]
+    default: dict
+    values: str
+    help: str
+    owner: str
+    show: Callable[[dict], str | None] | None = None
+
+    def text(self, values: dict) -> str | None:
+        if self.show is not None:
+            return self.show(values)
+        value = values[self.name]
+        if value == self.default[self.name]:
+            return None
+        return "on" if value is True else "off" if value is False else str(value)
+
+
+_TABLE: dict[str, Field] = {}
+
+
+def register_field(*fields: Field) -> None:
+    """Add fields to the table (a store module does this at import). Names are unique."""
+    for f in fields:
+        if f.name in _TABLE and _TABLE[f.name] is not f:
+            raise ValueError(f"policy field {f.name!r} is declared twice ({_TABLE[f.name].owner}, {f.owner})")
+        _TABLE[f.name] = f
+
+
+def fields() -> dict[str, Field]:
+    """The whole table, in canonical order (importing the stores registers their fields)."""
+    import kvtool.stores  # noqa: F401
+
+    return dict(_TABLE)
+
+
+def simple(name: str, parse: Callable[[str], Any], default, values: str, help: str, owner: str) -> Field:
+    """A field that sets one attribute of its own name."""
+    return Field(name, lambda text, _method: {name: parse(text)}, {name: default}, values, help, owner)
+
+
 class Policy:
-    heads: str = "all"
-    fraction: float | None = None
-    seed: int = 0
-    sink: int = 64
-    recent: int = 256
-    k: int = 16
-    v: int = 16
-    buffer: int = 128
-    krope: str = "post"
-    kclip: float = 0.999
-    outliers: bool = False
-    codebook: str = "uniform"
-    vgroup: int = 32
-    dtype: str = "auto"
+    """A parsed policy: one attribute per field attribute (policy.k, policy.sink, policy.heads, policy.fraction ...).
+    Immutable, comparable, hashable; `str(policy)` is the canonical string (heads always, then fields that differ
+    from their defaults, in table order)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values):
+        table = fields()
+        merged = {k: v for f in table.values() for k, v in f.default.items()}
+        unknown = set(values) - set(merged)
+        if unknown:
+            raise TypeError(f"unknown policy attribute(s): {', '.join(sorted(unknown))}")
+        merged.update(values)
+        object.__setattr__(self, "_values", merged)
+
+    def __getattr__(self, name: str):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Policy is immutable; use replace()")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Policy) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items(), key=lambda kv: kv[0])))
+
+    def __repr__(self) -> str:
+        return f"Policy({str(self)!r})"
+
+    def replace(self, **values) -> "Policy":
+        return Policy(**{**self._values, **values})
+
+    def values(self) -> dict:
+        return dict(self._values)
 
     @property
     def quantized(self) -> bool:
@@ -57,7 +113,8 @@ class Policy:
         """Parse a policy string; `default_method` names the method a bare `heads=<fraction>` refers to."""
         if text is None or not text.strip():
             return cls()
-        fields: dict = {}
+        table = fields()
+        values: dict = {}
         seen: set[str] = set()
         for part in text.split(","):
             if "=" not in part:
@@ -66,46 +123,72 @@ class Policy:
             if key in seen:
                 raise KvtoolError(f"policy field {key!r} is given twice")
             seen.add(key)
-            if key == "heads":
-                fields.update(_heads(value, default_method))
-            elif key in ("sink", "recent", "buffer", "vgroup"):
-                fields[key] = _count(key, value, least={"sink": 0, "buffer": 0}.get(key, 1))
-            elif key in ("k", "v"):
-                fields[key] = _bits(key, value)
-            elif key == "krope":
-                fields[key] = _choice(key, value, ("post", "pre"))
-            elif key == "kclip":
-                fields[key] = _clip(value)
-            elif key == "outliers":
-                fields[key] = _choice(key, value, ("on", "off")) == "on"
-            elif key == "codebook":
-                fields[key] = _choice(key, value, ("uniform", "kmeans"))
-            elif key == "dtype":
-                fields[key] = _choice(key, value, DTYPES)
-            else:
-                raise KvtoolError(f"unknown policy field {key!r} (known: {', '.join(FIELDS)})")
-        return cls(**fields)
+            if key not in table:
+                raise KvtoolError(f"unknown policy field {key!r} (known: {', '.join(table)})")
+            values.update(table[key].parse(value, default_method))
+        return cls(**values)
 
     @classmethod
     def from_profile(cls, stored: dict | None) -> "Policy":
-        """The default policy a profile records (`kvtool.policy`: heads, sink, recent, k_bits, v_bits)."""
+        """The default policy a profile records in `kvtool.policy`: {"policy": "<canonical string>"}; older profiles
+        hold {heads, sink, recent, k_bits, v_bits}, which read the same way."""
         stored = stored or {}
+        if "policy" in stored:
+            return cls.parse(stored["policy"], default_method=_method_of(stored["policy"]))
         parts = [f"heads={stored['heads']}"] if stored.get("heads") else []
         parts += [f"{k}={stored[k]}" for k in ("sink", "recent") if k in stored]
         parts += [f"{k[0]}={stored[k]}" for k in ("k_bits", "v_bits") if k in stored]
         return cls.parse(",".join(parts))
 
+    def to_profile(self) -> dict:
+        """What a profile stores as `kvtool.policy`."""
+        return {"policy": str(self)}
+
     def __str__(self) -> str:
-        """The canonical policy string (fields that differ from the defaults, heads always)."""
-        heads = self.heads if self.fraction is None else f"{self.heads}:{self.fraction:g}"
-        if self.heads == "random" and self.seed:
-            heads += f":{self.seed}"
-        out, base = [f"heads={heads}"], asdict(Policy())
-        for key in FIELDS[1:]:
-            value = getattr(self, key)
-            if value != base[key]:
-                out.append(f"{key}={'on' if value is True else 'off' if value is False else value}")
+        """The canonical policy string (heads always, then the fields that differ from the defaults)."""
+        out = []
+        for f in fields().values():
+            text = f.text(self._values)
+            if text is not None:
+                out.append(f"{f.name}={text}")
         return ",".join(out)
+
+
+def _method_of(text: str) -> str | None:
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "heads":
+            name = value.strip().split(":")[0]
+            return name if name and not (name[0].isdigit() or name[0] == ".") else None
+    return None
+
+
+def _show_heads(values: dict) -> str:
+    heads = values["heads"] if values["fraction"] is None else f"{values['heads']}:{values['fraction']:g}"
+    if values["heads"] == "random" and values["seed"]:
+        heads += f":{values['seed']}"
+    return heads
+
+
+HEADS = Field(
+    "heads", lambda text, method: _heads(text, method), {"heads": "all", "fraction": None, "seed": 0},
+    "`all`, `none`, `<method>`, `<method>:<f>`, `<f>`, `random:<f>[:seed]`",
+    "Which KV heads are retrieval heads (they keep every token, in the quantized store). `<method>` takes that "
+    "method's mask; `<method>:<f>` takes the top fraction f of its score (a global quantile); a bare `<f>` means the "
+    "profile's own method. The other heads are streaming heads (the window store).", "layer", _show_heads)
+DTYPE = simple("dtype", lambda t: _choice("dtype", t, DTYPES), "auto", "`auto`, `model`, `fp16`, `bf16`, `fp32`",
+               "Storage of the unquantized parts. `auto` is 16-bit: the model's dtype if that is 16-bit, else "
+               "float16.", "layer")
+
+
+def field_table_markdown() -> str:
+    """The policy field table as markdown (docs/runtime.md carries exactly this)."""
+    rows = ["| field | values | default | store | meaning |", "|---|---|---|---|---|"]
+    for f in fields().values():
+        default = f.default[f.name]
+        default = "on" if default is True else "off" if default is False else default
+        rows.append(f"| `{f.name}` | {f.values} | `{default}` | {f.owner} | {f.help} |")
+    return "\n".join(rows)
 
 
 def _count(key: str, value: str, least: int) -> int:
@@ -189,3 +272,30 @@ def _heads(value: str, default_method: str | None) -> dict:
     elif len(parts) > 2:
         raise KvtoolError(f"policy field 'heads': {value!r} has too many ':' parts")
     return out
+
+
+DOCS_START, DOCS_END = "<!-- policy-fields:start -->", "<!-- policy-fields:end -->"
+
+
+def write_docs(path: str = "docs/runtime.md") -> bool:
+    """Rewrite the field table between the markers in docs/runtime.md from the table; True when it changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    a, b = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
+    new = text[:a] + "\n" + field_table_markdown() + "\n" + text[b:]
+    if new != text:
+        p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":      # python -m kvtool.policy: print the table; --write-docs: rewrite docs/runtime.md's copy
+    import sys
+
+    import kvtool.policy as table                # the registered module, not this __main__ copy
+
+    if "--write-docs" in sys.argv[1:]:
+        print("docs/runtime.md updated" if table.write_docs() else "docs/runtime.md already lists the table")
+    else:
+        print(table.field_table_markdown())

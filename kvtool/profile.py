@@ -195,12 +195,13 @@ class Profile:
 
     # -- access ------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.tensors:
+        key = _alias(self.tensors, name)
+        if key is None:
             raise KvtoolError(f"profile has no tensor {name!r}")
-        return self.tensors[name]
+        return self.tensors[key]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+        return _alias(self.tensors, name) is not None
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under `prefix.` with the prefix stripped."""
@@ -311,3 +312,14 @@ class Profile:
         if model is not None:
             profile.check_model(model)
         return profile
+
+
+def _alias(tensors: dict, name: str) -> str | None:
+    """`name`, or the other name of a renamed section (kvtool.sections.LEGACY: old profiles answer to the new name
+    and new profiles to the old one), whichever the profile holds."""
+    if name in tensors:
+        return name
+    from kvtool.sections import LEGACY
+
+    other = LEGACY.get(name) or next((old for old, new in LEGACY.items() if new == name), None)
+    return other if other is not None and other in tensors else None

@@ -146,15 +146,16 @@ def key_range(profile, rope: str = "post", clip: float = 0.999) -> tuple[torch.T
 
     rope: "post" (keys as the cache sees them) or "pre" (before RoPE). clip: 1 takes the traced min/max; a level q
     below 1 takes the (1 - q, q) quantiles (KVQuant clips keys at 0.5/99.5 percentiles, i.e. q = 0.995)."""
-    name = f"channels.key_{rope}"
-    if f"{name}.min" not in profile:
-        raise KvtoolError(f"the profile has no {name}.* ranges (make it with `kvtool profile`)")
+    from kvtool.sections import key_channels
+
+    if key_channels(rope, "min") not in profile:
+        raise KvtoolError(f"the profile has no {key_channels(rope, '*')} ranges (make it with `kvtool profile`)")
     if clip >= 1.0:
-        return profile[f"{name}.min"].float(), profile[f"{name}.max"].float()
+        return profile[key_channels(rope, "min")].float(), profile[key_channels(rope, "max")].float()
     levels = profile.calibration.get("methods", {}).get("trace", {}).get("quantile_levels", [])
     idx = {round(float(q), 6): i for i, q in enumerate(levels)}
     lo_i, hi_i = idx.get(round(1.0 - clip, 6)), idx.get(round(clip, 6))
     if lo_i is None or hi_i is None:
         raise KvtoolError(f"the profile has no {1 - clip:g}/{clip:g} key quantiles (it has {levels}); use kclip=1")
-    q = profile[f"{name}.quantiles"].float()                                 # [L, H, D, Q]
+    q = profile[key_channels(rope, "quantiles")].float()                                 # [L, H, D, Q]
     return q[..., lo_i], q[..., hi_i]

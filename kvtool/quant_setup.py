@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kvtool import quant
+from kvtool import quant, sections
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
 
@@ -24,7 +24,7 @@ def _codebook(profile, name: str, bits: int, policy) -> torch.Tensor | None:
     """[L, H, 2^b] k-means levels from `kvtool calibrate --method kvquant`, checked against the policy."""
     if policy.codebook != "kmeans":
         return None
-    key = f"quant.{name}.levels{bits}"
+    key = sections.quant_levels(name, bits)
     if profile is None or key not in profile:
         raise KvtoolError(f"policy codebook=kmeans: the profile has no {key} "
                           f"(run kvtool calibrate --method kvquant --bits {bits})")

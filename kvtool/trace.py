@@ -171,9 +171,9 @@ class TraceStats:
         """
         d, out = self.dims, {}
         per_q = {name: self.acc[name].value() for name in _HEAD_MEANS}
-        per_q["retrieval_score"] = per_q.pop("copy")
+        per_q["copy_score"] = per_q.pop("copy")                 # heads.copy_score (was heads.retrieval_score)
         agg = {"sink_mass": "min", "recent_mass": "min", "streaming_mass": "min", "entropy": "max",
-               "retrieval_score": "max"}
+               "copy_score": "max"}
         for name, how in agg.items():
             grouped = per_q[name].view(d.layers, d.kv_heads, d.group)
             out[f"heads.{name}"] = grouped.amin(-1) if how == "min" else grouped.amax(-1)
@@ -192,6 +192,20 @@ class TraceStats:
             mean, evals, basis = mom.pca()
             out[f"pca.{name}.mean"], out[f"pca.{name}.eigvals"], out[f"pca.{name}.basis"] = mean, evals, basis
         return out
+
+
+def check_lengths(model, seq_len: int, config: TraceConfig, limit: int | None = None) -> None:
+    """Refuse a sequence length beyond the model's context, or too short for the streaming statistics. Without a
+    model (None: before loading it) the context is `limit`, when known."""
+    if model is not None:
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise KvtoolError(f"--seq-len {seq_len} is beyond the model's context of {limit} tokens")
+    if seq_len <= config.sink + config.recent:
+        raise KvtoolError(
+            f"--seq-len {seq_len} must exceed sink + recent = {config.sink + config.recent} "
+            "(lower --sink/--recent or raise --seq-len)"
+        )
 
 
 def attention_modules(model) -> list:

@@ -13,6 +13,7 @@ from kvtool.api import profile_model
 from kvtool.cache import CompressedCache, prefill, use_kvtool_attention, with_cache
 from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
+from kvtool.stores import QuantizedStore, SlidingStore, WindowStore
 from kvtool.trace import Dims, TraceConfig
 
 
@@ -76,10 +77,14 @@ def test_streaming_tokens_are_really_dropped_and_counted():
     R = int(cache.retrieval.sum())
     S = cache.retrieval.numel() - R
     expected = 2 * 16 * 4 * (R * 100 + S * (4 + 16))
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors())
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for s in layer.stores for t in s.tensors())
     assert cache.nbytes() == held == expected
-    for layer in cache.layers:
-        assert layer.recent_k.shape[2] == 16 and layer.sink_k.shape[2] == 4 and len(layer.k_store) == (100 if len(layer.ret) else 0)
+    for i, layer in enumerate(cache.layers):
+        for store in layer.stores:
+            if isinstance(store, WindowStore):
+                assert store.recent_k.shape[2] == 16 and store.sink_k.shape[2] == 4 and len(store) == 20
+            else:
+                assert isinstance(store, QuantizedStore) and len(store) == 100
     assert cache.full_nbytes(torch.float32) == 2 * 3 * 2 * 100 * 16 * 4
 
 
@@ -108,12 +113,10 @@ def test_policy_from_profile_and_foreign_profile_refused():
                                                                                  [True, False]]
     with pytest.raises(KvtoolError, match="different model"):
         CompressedCache(tiny_model("gqa", seed=5), prof, "heads=duo")
-    with pytest.raises(KvtoolError, match="sliding-window"):
-        CompressedCache(tiny_model("sliding"), None, "heads=all")
 
 
 def test_window_rule_by_hand():
-    from kvtool.cache import window_allowed
+    from kvtool.windows import window_allowed
 
     got = window_allowed(torch.arange(6), torch.arange(6), sink=1, recent=2).int().tolist()
     assert got == [[1, 0, 0, 0, 0, 0],
@@ -122,3 +125,76 @@ def test_window_rule_by_hand():
                    [1, 0, 1, 1, 0, 0],
                    [1, 0, 0, 1, 1, 0],
                    [1, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("policy", ["heads=all,dtype=model", "heads=random:0.5:1,sink=4,recent=16,dtype=model"])
+def test_sliding_window_layers_match_dynamic_cache(policy):
+    """Qwen3-style `layer_types` with sliding_attention (window 24): the model's own sliding layers keep only their
+    window (really freed), and greedy tokens equal DynamicCache's (exactly for the lossless policy)."""
+    model = tiny_model("sliding", layers=4)
+    ids = needle_sample(T=70).input_ids.view(1, -1)
+    with torch.no_grad():
+        ref = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False)
+        ref_logits = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+    if policy == "heads=all,dtype=model":
+        got, cache = cached_logits(model, ids, policy, prompt=50, chunk=16)     # chunks wider than nothing, decode
+        torch.testing.assert_close(got, ref_logits, atol=2e-5, rtol=0)
+    use_kvtool_attention(model)
+    cache = CompressedCache(model, None, policy)
+    with torch.no_grad():
+        gen = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False, past_key_values=cache)
+    model.set_attn_implementation("sdpa")
+    if policy == "heads=all,dtype=model":
+        assert torch.equal(gen, ref)
+    window = model.config.sliding_window
+    for i, layer in enumerate(cache.layers):
+        sliding = model.config.layer_types[i] == "sliding_attention"
+        assert layer.is_sliding == sliding
+        if sliding:
+            (store,) = layer.stores
+            assert isinstance(store, SlidingStore) and len(store) == window - 1
+    seen = cache.get_seq_length()
+    assert seen == 61
+    full = sum(min(seen, window - 1) if t == "sliding_attention" else seen for t in model.config.layer_types)
+    assert cache.full_nbytes(torch.float32) == 2 * 2 * full * 16 * 4
+
+
+def test_cupy_decode_dispatch_plumbing_on_cpu(monkeypatch):
+    """The fused decode path (backend "cupy", one token) hands each store's parts to the kernels; with the kernels'
+    torch twins standing in for CUDA, its greedy tokens equal the torch path's."""
+    import cupy_kernels
+    from cupy_kernels import reference
+    from kvtool.api import profile_model
+    from kvtool.trace import TraceConfig
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)                                   # head_dim 32: a shape the kernels take
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)).eval()
+    prof = profile_model(model, [needle_sample(T=96, seed=s) for s in range(2)],
+                         config=TraceConfig(sink=4, recent=16, query_samples=8))
+    calls = []
+
+    def twin(name):
+        def run(*args, backend="torch", **kw):
+            calls.append(name)
+            return getattr(reference, name)(*args, **kw).to(args[0].dtype)
+        return run
+
+    monkeypatch.setattr(cupy_kernels, "decode_attention", twin("decode_attention"))
+    monkeypatch.setattr(cupy_kernels, "window_attention", twin("window_attention"))
+    ids = needle_sample(T=60, seed=4).input_ids.view(1, -1)
+    policy = "heads=random:0.5:1,k=8,v=8,sink=4,recent=16,buffer=8"
+    outs = {}
+    for backend in ("torch", "cupy"):
+        cache = CompressedCache(model, prof, policy, backend="torch")
+        for layer in cache.layers:
+            layer.backend = backend
+            for store in layer.stores:
+                store.dtype = torch.float16
+        with torch.no_grad():
+            outs[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+    model.set_attn_implementation("sdpa")
+    assert {"decode_attention", "window_attention"} <= set(calls)
+    assert torch.equal(outs["torch"], outs["cupy"])

@@ -97,7 +97,7 @@ def test_calibrate_refines_a_profile_and_records_provenance(tmp_path):
     back = Profile.load(path, model=model)
     assert set(base.tensors) < set(back.tensors)
     assert {"heads.razor.score", "heads.razor.mask", "heads.razor.echo", "heads.razor.induction"} <= set(back.tensors)
-    assert back["heads.razor.mask"].sum() == 3 and back.policy["heads"] == "razor:0.5"
+    assert back["heads.razor.mask"].sum() == 3 and back.policy == {"policy": "heads=razor:0.5"}
     assert back.calibration["methods"]["razor"]["probe_len"] == 16 and "trace" in back.calibration["methods"]
     with pytest.raises(KvtoolError, match="different model"):
         run_calibration(tiny_model("gqa", seed=3), None, "razor", profile=back)

@@ -38,7 +38,7 @@ def test_round_trip_is_bit_exact(prof, model, tmp_path):
     for name, t in prof.tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     assert back.model == prof.model and back.calibration == prof.calibration and back.policy == prof.policy
-    assert back.format_version == "1" and set(back.section("heads")) >= {"retrieval_score", "streaming_mass"}
+    assert back.format_version == "1" and set(back.section("heads")) >= {"copy_score", "streaming_mass"}
 
 
 def test_failed_write_leaves_old_file_and_no_temp(prof, tmp_path):

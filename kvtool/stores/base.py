@@ -1,0 +1,128 @@
+"""The store interface of the runtime, the store registry, and the partial-attention algebra every store uses.
+
+A layer of a `CompressedCache` is a composition of stores, each owning a group of KV heads and one way of keeping
+their tokens. Every store implements
+
+    store.append(k, v, pos)               # new tokens k, v [B, h, t, D] at absolute positions pos [t] (long)
+    store.attend(q, qpos, scaling, new)   # -> (out [B, h·G, t, D] float32, lse [B, h·G, t] float32)
+    store.nbytes()                        # bytes really held (tensors + the per-layer constants reading needs)
+    store.reset()
+    store.visible(qpos, kpos)             # bool [t, n]: which positions a query may see (causal by default)
+
+`attend` is a partial result over what the store holds (and over `new`, the query chunk's own keys/values, read
+exactly, which the layer appends only after the attention call): the attention merges the partials of all stores of
+a head group by log-sum-exp (`merge`), the same split-K merge as cupy_kernels' fused decode kernel, so a store may
+hold any subset of positions, in any form. A query that sees no key gets out = 0, lse = -inf (never NaN).
+
+A store declares the policy fields it reads (`reads`); the fields themselves are registered once, in the module of
+the store that owns them (kvtool.policy.register_field).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from kvtool.windows import causal_allowed
+
+STORES: dict[str, type["Store"]] = {}
+
+
+def register(name: str):
+    """Class decorator: add a store to the registry (the test matrix runs over every registered store)."""
+    def wrap(cls):
+        cls.name = name
+        STORES[name] = cls
+        return cls
+    return wrap
+
+
+class Store:
+    """Base class; see the module docstring. Subclasses set `reads` and implement the five methods."""
+
+    name: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = ()          # policy fields this store reads
+    exact: ClassVar[bool] = True                   # False: reads back an approximation (quantized, low-rank, ...)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, qpos: torch.Tensor, scaling: float,
+               new: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def visible(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        return causal_allowed(qpos, kpos)
+
+    def __len__(self) -> int:                     # tokens held
+        raise NotImplementedError
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+            allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, h·G, t, D] over k, v [B, h, n, D] (any float dtype; computed in float32) with an
+    optional mask allowed [t, n] → (out [B, h·G, t, D], lse [B, h·G, t]), both float32. Query heads h·G .. h·G+G-1
+    read KV head h (GQA)."""
+    b, hq, t, d = q.shape
+    h, n = k.shape[1], k.shape[2]
+    g = hq // h
+    qf = q.float().reshape(b, h, g * t, d)                                      # [B, h, G·t, D]
+    s = torch.matmul(qf, k.float().transpose(-1, -2))                          # [B, h, G·t, n]
+    s.mul_(scaling)
+    if allowed is not None:
+        s.masked_fill_(~allowed.repeat(g, 1), -math.inf)
+    return softmax_partial(s, v.float(), b, hq, t)
+
+
+def softmax_partial(s: torch.Tensor, v: torch.Tensor, b: int, hq: int, t: int):
+    """Scores s [B, h, G·t, n] (masked with -inf) → (out [B, h·G, t, D], lse [B, h·G, t]), softmax over n of
+    values v [B, h, n, D] float32. In place on s; a row with no visible key gets out 0, lse -inf."""
+    m = s.amax(-1, keepdim=True).clamp_min_(-1e30)                             # [B, h, G·t, 1]
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)                                             # [B, h, G·t, 1]
+    out = torch.matmul(p, v).div_(total.clamp_min(1e-30))                     # [B, h, G·t, D]
+    lse = total.log_().add_(m)
+    return out.view(b, hq, t, -1), lse.view(b, hq, t)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp merge of partial results [(out [B, hq, t, D], lse [B, hq, t])] over disjoint key sets → the
+    result over their union (exact: softmax over a union = the lse-weighted mix of the parts' softmaxes)."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.stack([p[1] for p in parts])                                    # [P, B, hq, t]
+    m = lse.amax(0).clamp_min_(-1e30)                                           # [B, hq, t]
+    w = (lse - m).exp_()                                                        # [P, B, hq, t]
+    total = w.sum(0)
+    out = parts[0][0] * w[0].unsqueeze(-1)
+    for i in range(1, len(parts)):
+        out.addcmul_(parts[i][0], w[i].unsqueeze(-1))
+    out.div_(total.clamp_min(1e-30).unsqueeze(-1))
+    return out, total.log_().add_(m)
+
+
+def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial result over no keys: out 0, lse -inf."""
+    b, hq, t, d = q.shape
+    return q.new_zeros(b, hq, t, d, dtype=torch.float32), q.new_full((b, hq, t), -math.inf, dtype=torch.float32)
+
+
+def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the unquantized parts for a policy `dtype` field."""
+    if name == "auto":
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    if name == "model":
+        return model_dtype
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]

@@ -1,0 +1,71 @@
+"""Layering: the runtime (stores, attention, cache and what they import) never imports calibrate/, and calibrate/
+never imports the runtime modules; what both need lives in low modules (kvtool.windows, kvtool.select, kvtool.trace,
+kvtool.sections). Checked on the source's import statements (module level and inside functions)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ["kvtool/stores/*.py", "kvtool/cache.py", "kvtool/attention.py", "kvtool/kvstore.py", "kvtool/policy.py",
+           "kvtool/quant_setup.py", "kvtool/quant.py", "kvtool/windows.py", "kvtool/select.py", "kvtool/sections.py"]
+RUNTIME_MODULES = ("kvtool.cache", "kvtool.attention", "kvtool.stores", "kvtool.kvstore", "kvtool.quant_setup",
+                   "kvtool.api", "kvtool.cli", "kvtool.cli_run", "kvtool.evaluate", "kvtool.baselines")
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def files(patterns) -> list[Path]:
+    found = [p for pat in patterns for p in sorted(ROOT.glob(pat))]
+    assert found
+    return found
+
+
+def test_runtime_never_imports_calibrate():
+    for path in files(RUNTIME):
+        bad = sorted(m for m in imports(path) if m == "calibrate" or m.startswith("calibrate."))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_calibrate_never_imports_the_runtime():
+    for path in files(["calibrate/*.py"]):
+        bad = sorted(m for m in imports(path) if m.startswith(RUNTIME_MODULES))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_attention_is_registered_in_one_module():
+    hits = [p.relative_to(ROOT) for p in files(["kvtool/*.py", "kvtool/stores/*.py"])
+            if "AttentionInterface.register(KVTOOL_ATTENTION" in p.read_text()]
+    assert [str(h) for h in hits] == ["kvtool/attention.py"]
+
+
+def test_copy_score_and_retrieval_method_no_longer_share_a_name():
+    """New profiles hold the trace's copy score as heads.copy_score; a profile written before the rename (with
+    heads.retrieval_score) answers to both names, and the retrieval method keeps its own heads.retrieval.* section."""
+    import torch
+
+    from conftest import needle_sample, tiny_model
+    from kvtool import sections
+    from kvtool.api import profile_model
+    from kvtool.profile import Profile
+    from kvtool.trace import TraceConfig
+
+    prof = profile_model(tiny_model("gqa"), [needle_sample(T=64)], config=TraceConfig(sink=4, recent=16,
+                                                                                        query_samples=8))
+    assert sections.COPY_SCORE in prof.tensors and "heads.retrieval_score" not in prof.tensors
+    old = Profile({("heads.retrieval_score" if k == sections.COPY_SCORE else k): v for k, v in prof.tensors.items()},
+                  prof.model, prof.calibration, prof.policy)
+    assert torch.equal(old[sections.COPY_SCORE], prof[sections.COPY_SCORE])
+    assert torch.equal(prof["heads.retrieval_score"], prof[sections.COPY_SCORE])
+    assert sections.resolve(prof, sections.heads_score("retrieval")) == sections.COPY_SCORE
+    assert sections.heads_score("retrieval") == "heads.retrieval.score" != sections.COPY_SCORE
