@@ -25,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvtool.cache import with_cache  # noqa: E402
+
 POLICY = "heads=duo:0.5,k=4,v=4,krope=pre"
 PROFILE = ROOT / "profiles" / "smollm2-135m-instruct.kv.st"
 
@@ -34,7 +36,7 @@ def decode(model, cache, token: torch.Tensor, steps: int) -> tuple[float, torch.
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(steps):
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
     return time.perf_counter() - start, token
 

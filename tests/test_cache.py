@@ -135,14 +135,14 @@ def test_sliding_window_layers_match_dynamic_cache(policy):
     ids = needle_sample(T=70).input_ids.view(1, -1)
     with torch.no_grad():
         ref = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False)
-        ref_logits = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+        ref_logits = model(ids, **with_cache(model, DynamicCache(config=model.config)), use_cache=True).logits[0]
     if policy == "heads=all,dtype=model":
         got, cache = cached_logits(model, ids, policy, prompt=50, chunk=16)     # chunks wider than nothing, decode
         torch.testing.assert_close(got, ref_logits, atol=2e-5, rtol=0)
     use_kvtool_attention(model)
     cache = CompressedCache(model, None, policy)
     with torch.no_grad():
-        gen = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False, past_key_values=cache)
+        gen = model.generate(ids[:, :50], max_new_tokens=12, do_sample=False, **with_cache(model, cache))
     model.set_attn_implementation("sdpa")
     if policy == "heads=all,dtype=model":
         assert torch.equal(gen, ref)
@@ -194,7 +194,7 @@ def test_cupy_decode_dispatch_plumbing_on_cpu(monkeypatch):
             for store in layer.stores:
                 store.dtype = torch.float16
         with torch.no_grad():
-            outs[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache)
+            outs[backend] = model.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(model, cache))
     model.set_attn_implementation("sdpa")
     assert {"decode_attention", "window_attention"} <= set(calls)
     assert torch.equal(outs["torch"], outs["cupy"])

@@ -134,12 +134,12 @@ def _bad_profiles(good: Path, d: Path) -> dict[str, tuple[Path, str]]:
         cases[name] = (edit_profile(good, d / f"meta{i}.kv.st", meta=meta), needle)
     with safe_open(str(good), framework="pt") as fh:
         q = fh.get_tensor("channels.key_post.quantiles")                        # [L, H, D, Q]
-        ret = fh.get_tensor("heads.retrieval_score")
+        ret = fh.get_tensor("heads.copy_score")
         lo = fh.get_tensor("stats.key_post.lo")
     tensor_edits = {
         "wrong quantile count": ({"channels.key_post.quantiles": q[..., :-1].contiguous()}, "expected [2, 2, 8,"),
-        "wrong head count": ({"heads.retrieval_score": torch.zeros(2, 3)}, "heads.retrieval_score has shape"),
-        "NaN tensor": ({"heads.retrieval_score": torch.full_like(ret, float("nan"))}, "contains NaN"),
+        "wrong head count": ({"heads.copy_score": torch.zeros(2, 3)}, "heads.copy_score has shape"),
+        "NaN tensor": ({"heads.copy_score": torch.full_like(ret, float("nan"))}, "contains NaN"),
         "NaN statistic": ({"stats.key_post.lo": torch.full_like(lo, float("nan"))}, "stats.key_post.lo contains NaN"),
     }
     for i, (name, (tensors, needle)) in enumerate(tensor_edits.items()):
