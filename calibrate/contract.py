@@ -39,7 +39,7 @@ class Option:
     help: str
     parse: Callable[[Any], Any] | None = None   # CLI value -> field value
     check: Callable[[Any], Any] | None = None   # refuse a bad CLI value (before parse), before the model loads
-    show_default: bool = True                   # False: the help says where the default comes from
+    default: str | None = None                  # the default in words, where the dataclass's is not it (presets)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def options_table() -> list[dict]:
         cls = registry.get(name)
         c, d = contract_of(cls), defaults(cls)
         for o in c.options:
-            default = d.get(o.field) if o.show_default and not isinstance(d.get(o.field), bool) else None
+            default = d.get(o.field) if o.default is None else o.default
             rows.append({"method": name, "flag": o.flag, "field": o.field, "default": default, "help": o.help})
         if c.fraction:
             rows.append({"method": name, "flag": "--retrieval-fraction", "field": "fraction", "default": None,
@@ -124,6 +124,8 @@ def options_table() -> list[dict]:
 def _default(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value))
     return str(value)
@@ -140,11 +142,34 @@ def markdown() -> str:
     for name in registry.names():
         c = contract_of(registry.get(name))
         opts = ", ".join(f"`{r['flag']}` ({_default(r['default'])})" for r in by_method.get(name, [])) or "none"
-        sections = ", ".join(f"`{s.name}` [{s.shape}]" for s in c.sections)
-        profile = "needs `--profile`" if c.needs_profile is True else \
-            "needs `--profile` (unless told otherwise)" if c.needs_profile else "`--profile` optional"
+        sections = "; ".join(f"`{names}` [{shape}]" for names, shape in _compact(c.sections))
+        profile = f"needs `--profile` for its {c.needs}" if c.needs_profile else "`--profile` optional"
         lines.append(f"- `{name}`: {c.about}; {profile}. Options (default): {opts}. Writes {sections}.")
     return "\n".join(lines)
+
+
+def _braces(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{" + ",".join(items) + "}"
+
+
+def _compact(sections) -> list[tuple[str, str]]:
+    """Section names grouped for the docs: `lowrank.{key,value}.{mean,eigvals}` per shape (conditional ones alone)."""
+    out, groups = [], {}
+    for s in sections:
+        parts = s.name.split(".")
+        if len(parts) != 3 or s.when:
+            out.append((s.name + (f" (when {s.when} > 0)" if s.when else ""), s.shape))
+            continue
+        mids = groups.setdefault(s.shape, {}).setdefault(parts[0], {})
+        mids.setdefault(parts[1], []).append(parts[2])
+    for shape, heads in groups.items():
+        for head, mids in heads.items():
+            by_tails: dict[tuple, list[str]] = {}
+            for mid, tails in mids.items():
+                by_tails.setdefault(tuple(tails), []).append(mid)
+            for tails, ms in by_tails.items():
+                out.append((f"{head}.{_braces(ms)}.{_braces(list(tails))}", shape))
+    return sorted(out, key=lambda r: "(when" in r[0])
 
 
 def flag_help(flag: str) -> str:

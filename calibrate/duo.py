@@ -373,15 +373,15 @@ Duo.default_preset = staticmethod(default_preset)
 Duo.presets = tuple(PRESETS)
 Duo.contract = C.Contract(
     about="DuoAttention gates trained by distillation on passkey data (arXiv 2410.10819)",
-    options=(C.Option("preset", "--preset", f"settings preset, {' or '.join(PRESETS)} ('cpu' without a GPU: "
-                      "~16 min on 2 cores for the default model)"),
-             C.Option("steps", "--steps", "optimisation steps (default: the preset's, "
+    options=(C.Option("preset", "--preset", f"settings preset, {' or '.join(PRESETS)} ('cpu': ~16 min on 2 cores for the "
+                      "default model)", default="paper with a GPU, else cpu"),
+             C.Option("steps", "--steps", "optimisation steps ("
                       + ", ".join(f"{k} {PRESETS[k].get('steps', Duo.steps)}" for k in PRESETS) + ")",
-                      check=C.at_least("--steps", 1), show_default=False),
+                      check=C.at_least("--steps", 1), default="the preset's"),
              C.Option("checkpoint", "--checkpoint", "checkpoint file, written every --checkpoint-every steps",
                       parse=_checkpoint_path),
-             C.Option("checkpoint_every", "--checkpoint-every", "steps between checkpoints (default: the preset's)",
-                      check=C.at_least("--checkpoint-every", 1), show_default=False),
+             C.Option("checkpoint_every", "--checkpoint-every", "steps between checkpoints",
+                      check=C.at_least("--checkpoint-every", 1), default="the preset's"),
              C.Option("resume", "--resume", "continue from --checkpoint exactly where it stopped"),
              C.seed("random seed of the passkey samples")),
     sections=tuple(C.Section(f"heads.duo.{n}", "L, H") for n in ("gate", "score", "mask")),

@@ -188,7 +188,7 @@ def _text(s: dict) -> str:
 
 PCA.contract = C.Contract(
     about="low-rank bases of pre-RoPE keys and of values from the traced moments, with latent ranges (Palu, "
-          "arXiv 2407.21118); the rank is chosen at load time (krank=, vrank=)",
+          "arXiv 2407.21118); the rank is chosen later, by count or by energy, from the eigenvalues",
     options=(C.Option("clip", "--clip", "clipped latent range: the (1 - clip, clip) quantiles per latent coordinate"),
              C.samples("calibration samples for the latent ranges"), C.seq_len(), C.data(),
              C.seed("random seed of the samples and of the kept points")),

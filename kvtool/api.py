@@ -181,7 +181,9 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
     Head methods (a `calibrate.heads.HeadsResult`) write `heads.<method>.*`: continuous score, chosen mask, method
     extras, and set the default policy's `heads` to `<method>:<fraction kept>`; other methods write their own section
     (`kvquant`: `quant.*` codebooks) and leave the policy alone. Provenance goes under
-    kvtool.calibration["methods"][method] (head methods add their `windows`)."""
+    kvtool.calibration["methods"][method] (head methods add their `windows`). The method's contract
+    (calibrate.contract) says which options it takes (`options`: {field: value}), whether it needs `profile`, and
+    which tensors it writes (checked here); `calibrate.get(method).contract.summary(profile)` summarises the result."""
     from calibrate.contract import contract_of
     from calibrate.heads import HeadsResult, check_fraction
 
