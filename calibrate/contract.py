@@ -15,6 +15,8 @@ pre-load checks, its progress bar and its summary from it, and kvtool.api.calibr
   fraction       whether --retrieval-fraction applies (head methods).
   total          progress-bar total: a function of (method object, model).
   summary        summary(profile) -> dict (JSON-able), and text(summary) -> one line for humans.
+  reads          profile tensors the method reads (or a function of the method object giving them): a --profile
+                 without one is refused from its header, before the model loads.
   check          optional check(method object) before the model loads (files the options name, ...).
   prepare        optional: the options the CLI was given -> the options the method gets (retrieval: reuse the
                  profile's trace unless --samples / --seq-len are given).
@@ -63,6 +65,7 @@ class Contract:
     fraction: bool = False
     check: Callable[[Any], None] | None = None
     prepare: Callable[[dict], dict] | None = None   # options the CLI was given -> options for the method
+    reads: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()   # profile tensors it needs (checked pre-load)
     paper: str = ""
 
     def flags(self) -> dict[str, Option]:
@@ -70,6 +73,10 @@ class Contract:
 
     def requires_profile(self, runner) -> bool:
         return self.needs_profile(runner) if callable(self.needs_profile) else bool(self.needs_profile)
+
+    def required(self, runner) -> tuple[str, ...]:
+        """The profile tensors `runner` reads (a --profile without one is refused before the model loads)."""
+        return tuple(self.reads(runner) if callable(self.reads) else self.reads)
 
     def expected(self, runner, layers: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
         """The tensors `runner` writes, {name: shape}, for a model of these dimensions."""
@@ -218,6 +225,17 @@ def at_least(flag: str, least: int) -> Callable[[int], int]:
     return lambda v: checks.whole(flag, v, least)
 
 
+def unit(flag: str) -> Callable[[float], float]:
+    """Refuse a value outside [0, 1] (NaN too)."""
+
+    def check(v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise KvtoolError(f"{flag} must lie in [0, 1] (got {v})")
+        return v
+
+    return check
+
+
 def samples_check(v: int) -> int:
     from kvtool import checks
 
@@ -250,7 +268,8 @@ def seed(help: str = "random seed of the calibration data") -> Option:
 
 
 __all__ = ["COMMON_FLAGS", "Contract", "Option", "Section", "contract_of", "defaults", "options_table", "markdown",
-           "flag_help", "heads_summary", "heads_text", "split_ints", "at_least", "samples", "seq_len", "data", "seed"]
+           "flag_help", "heads_summary", "heads_text", "split_ints", "at_least", "unit", "samples", "seq_len", "data",
+           "seed", "methods"]
 
 
 def methods() -> list[tuple[str, type]]:

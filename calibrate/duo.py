@@ -373,8 +373,8 @@ Duo.default_preset = staticmethod(default_preset)
 Duo.presets = tuple(PRESETS)
 Duo.contract = C.Contract(
     about="DuoAttention gates trained by distillation on passkey data (arXiv 2410.10819)",
-    options=(C.Option("preset", "--preset", f"settings preset, {' or '.join(PRESETS)} ('cpu': ~16 min on 2 cores for the "
-                      "default model)", default="paper with a GPU, else cpu"),
+    options=(C.Option("preset", "--preset", f"settings preset, {' or '.join(PRESETS)} ('cpu': ~16 min on 2 cores "
+                      "for the default model)", default="paper with a GPU, else cpu"),
              C.Option("steps", "--steps", "optimisation steps ("
                       + ", ".join(f"{k} {PRESETS[k].get('steps', Duo.steps)}" for k in PRESETS) + ")",
                       check=C.at_least("--steps", 1), default="the preset's"),

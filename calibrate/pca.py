@@ -194,5 +194,6 @@ PCA.contract = C.Contract(
              C.seed("random seed of the samples and of the kept points")),
     sections=tuple(C.Section(f"{SECTION}.{n}.{f}", "L, H, D, D" if f == "basis" else "L, H, D")
                    for n in NAMES for f in (*FIELDS, "power")),
+    reads=tuple(f"pca.{SOURCE[n]}.{f}" for n in NAMES for f in ("mean", "eigvals", "basis")),
     summary=PCA.summary, text=_text, needs_profile=True, needs="traced PCA (pca.key_pre, pca.value)",
     total=lambda r, model: r.samples, paper="arXiv 2407.21118")

@@ -217,13 +217,16 @@ PoD.contract = C.Contract(
              C.Option("max_group", "--max-group", "most layers per group (default: no limit)"),
              C.Option("per", "--per", "'layer' (min over KV heads) or 'head' (every KV head grouped on its own)"),
              C.Option("groups", "--groups", "explicit groups such as 3-8,23-28 instead of the similarity"),
-             C.Option("ridge", "--ridge", "ridge of the key maps, relative to the mean eigenvalue of the leader's keys"),
+             C.Option("ridge", "--ridge", "ridge of the key maps, relative to the mean eigenvalue of the leader's "
+                      "keys"),
              C.samples("calibration samples for the key maps"),
              C.Option("heldout", "--heldout", "further samples, not fitted on, for the held-out error (0: none)"),
              C.seq_len(), C.data(), C.seed("random seed of the samples")),
     sections=(C.Section(f"{SECTION}.group", "L, H"), C.Section(f"{SECTION}.leader", "L, H"),
               C.Section(f"{SECTION}.map", "L, H, D, D"), C.Section(f"{SECTION}.fit_error", "L, H"),
-              C.Section(f"{SECTION}.share_error", "L, H"), C.Section(f"{SECTION}.heldout_error", "L, H", when="heldout")),
+              C.Section(f"{SECTION}.share_error", "L, H"),
+              C.Section(f"{SECTION}.heldout_error", "L, H", when="heldout")),
+    reads=lambda r: ("layers.similarity",) if r.groups is None else (),
     summary=PoD.summary, text=_text, needs_profile=lambda r: r.groups is None,
     needs="layers.similarity (or give explicit --groups)",
     total=lambda r, model: r.samples + r.heldout, paper="arXiv 2412.02252")

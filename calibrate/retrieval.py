@@ -75,7 +75,8 @@ def _retrieval_prepare(options: dict) -> dict:
 Retrieval.contract = C.Contract(
     about="retrieval heads by copy score on passkey data (Retrieval Head, arXiv 2404.15574); reuses a --profile "
           "traced on passkey data unless --samples or --seq-len is given",
-    options=(C.Option("threshold", "--threshold", "copy score above which a head is a retrieval head"),
+    options=(C.Option("threshold", "--threshold", "copy score above which a head is a retrieval head",
+                      check=C.unit("--threshold")),
              C.samples("passkey samples to trace"), C.seq_len(), C.seed("random seed of the passkey samples")),
     sections=(C.Section("heads.retrieval.score", "L, H"), C.Section("heads.retrieval.mask", "L, H")),
     summary=C.heads_summary("retrieval"), text=C.heads_text, fraction=True,

@@ -246,12 +246,12 @@ def inspect(
                        ("layer_similarity", "Adjacent-layer attention similarity (1 - JS/ln2, mean over KV heads)"),
                        ("outlier_channels", "Outlier channels (abs-max ≥ 4× the head's median channel)"),
                        ("pca", "PCA: explained variance at rank r (mean over layers and KV heads)"),
-                       ("lowrank", "Low-rank (calibrate --method pca): ranks that keep energy E, per layer and per KV head"),
+                       ("lowrank", "Low-rank (calibrate --method pca): ranks that keep energy E, per layer and KV head"),
                        ("pod", "PoD layer groups (calibrate --method pod): shared keys, key-map and sharing errors")):
         rows = summary.get(key)
         if rows:
             out.print(_table(title, rows))
-        elif key == "outlier_channels":
+        elif key == "outlier_channels" or (key == "pod" and key in summary):
             out.print(f"{title}: none")
     if plot is not None:
         out.print(f"Heatmaps written to [bold]{shown(plot)}[/]")
@@ -346,7 +346,12 @@ def calibrate(
     path = _writable_target(output or profile_in or _default_output(model, method))
     _as_dtype(dtype)
     if profile_in is not None:
-        checks.profile_file(profile_in)
+        held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
+        missing = [n for n in contract.required(runner) if n not in held]
+        if missing:
+            raise KvtoolError(f"profile {profile_in} has no {', '.join(missing[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''}: {method} needs a profile's {contract.needs}; "
+                              "make it with `kvtool profile`")
     elif contract.requires_profile(runner):
         raise KvtoolError(f"{method} needs a profile's {contract.needs}: give --profile (made by `kvtool profile`)")
     if getattr(runner, "checkpoint", None):

@@ -150,3 +150,75 @@ def test_docs_list_the_contracts(doc):
     assert block, f"{doc} has no calibrate-methods block"
     assert block.group(1).strip() == markdown().strip(), \
         f"{doc}: regenerate the block with python -c 'from calibrate.contract import markdown; print(markdown())'"
+
+
+def _without(path: Path, prefix: str, target: Path) -> Path:
+    p = Profile.load(path)
+    p.tensors = {k: t for k, t in p.tensors.items() if not k.startswith(prefix)}
+    return p.save(target)
+
+
+# (id, method, CLI arguments, what the one line says); {profile}: the traced profile, {no-pca} / {no-sim}: it without
+# pca.* / layers.similarity. Every one is refused before the model loads.
+BAD = [
+    ("pca-no-profile", "pca", [], "pca needs a profile's traced PCA"),
+    ("pod-no-profile", "pod", [], "pod needs a profile's layers.similarity"),
+    ("pca-profile-without-pca", "pca", ["--profile", "{no-pca}"], "has no pca.key_pre.mean"),
+    ("pod-profile-without-similarity", "pod", ["--profile", "{no-sim}"], "has no layers.similarity"),
+    ("pod-threshold-high", "pod", ["--profile", "{profile}", "--threshold", "1.5"], "--threshold must lie in [0, 1]"),
+    ("pod-threshold-nan", "pod", ["--profile", "{profile}", "--threshold", "nan"], "--threshold must lie in [0, 1]"),
+    ("pod-per", "pod", ["--profile", "{profile}", "--per", "row"], "--per must be layer or head"),
+    ("pod-max-group-0", "pod", ["--profile", "{profile}", "--max-group", "0"], "--max-group must be at least 1"),
+    ("pod-heldout-neg", "pod", ["--profile", "{profile}", "--heldout", "-1"], "--heldout must be at least 0"),
+    ("pca-clip", "pca", ["--profile", "{profile}", "--clip", "0.3"], "--clip must be a quantile level"),
+    ("pca-samples-0", "pca", ["--profile", "{profile}", "--samples", "0"], "zero samples"),
+    ("pca-seq-len-beyond-context", "pca", ["--profile", "{profile}", "--seq-len", "5000"], "context of 1100"),
+    ("retrieval-threshold", "retrieval", ["--threshold", "2"], "--threshold must lie in [0, 1]"),
+    ("kvquant-bits", "kvquant", ["--profile", "{profile}", "--bits", "5"], "--bits must be some of"),
+    ("duo-clip", "duo", ["--preset", "cpu", "--clip", "0.9"], "--clip does not apply to duo"),
+    ("razor-fraction-for-pod", "pod", ["--profile", "{profile}", "--retrieval-fraction", "0.5"],
+     "--retrieval-fraction does not apply to pod"),
+]
+
+
+@pytest.mark.parametrize("method,args,needle", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_cli_bad_input_is_one_line_before_loading(capsys, tiny, tmp_path, monkeypatch, method, args, needle):
+    import kvtool.models
+
+    model_dir, _, _, path = tiny
+    files = {"{profile}": path, "{no-pca}": _without(path, "pca.", tmp_path / "no-pca.kv.st"),
+             "{no-sim}": _without(path, "layers.similarity", tmp_path / "no-sim.kv.st")}
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(kvtool.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run(capsys, "calibrate", "--method", method, model_dir, *(files.get(a, a) for a in args),
+                       "-o", tmp_path / "x.kv.st")
+    assert_one_line_error(code, err, needle)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_pod_groups_from_the_cli_without_a_profile_and_bad_groups(capsys, tiny, tmp_path):
+    model_dir, _, _, _ = tiny
+    code, out, err = run(capsys, "calibrate", "--method", "pod", model_dir, "--groups", "0-1", "--samples", "1",
+                         "--heldout", "0", "--seq-len", "192", "-o", tmp_path / "g.kv.st", "--json")
+    assert code == 0, err
+    assert json.loads(out)["groups"] == [[0, 1]] and json.loads(out)["layers sharing"] == 1
+    code, _, err = run(capsys, "calibrate", "--method", "pod", model_dir, "--groups", "0-5", "--samples", "1",
+                       "--seq-len", "192", "-o", tmp_path / "bad.kv.st")
+    assert_one_line_error(code, err, "--groups: 0-5 is not a range of layers 0..1")
+    assert not (tmp_path / "bad.kv.st").exists()
+
+
+@pytest.mark.parametrize("method,title,key", [("pca", "Low-rank (calibrate --method pca)", "lowrank"),
+                                              ("pod", "PoD layer groups (calibrate --method pod)", "pod")])
+def test_inspect_prints_the_pca_and_pod_tables(capsys, tiny, tmp_path, method, title, key):
+    model_dir, _, _, path = tiny
+    target = tmp_path / "m.kv.st"
+    extra = ["--groups", "0-1"] if method == "pod" else []                     # a group, whatever the similarity
+    code, _, err = run(capsys, "calibrate", "--method", method, model_dir, "--profile", path,
+                       *_cli_args(method, TINY[method]), *extra, "-o", target)
+    assert code == 0, err
+    code, out, err = run(capsys, "inspect", target)
+    assert code == 0, err
+    assert title in out.replace("\n", " ") or title in out
+    code, out, _ = run(capsys, "inspect", target, "--json")
+    assert json.loads(out)[key]
