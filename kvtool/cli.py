@@ -277,13 +277,18 @@ class _CalibrateCommand(_Command):
         if not getattr(self, "_from_contracts", False):
             from calibrate import contract
 
+            methods = contract.methods()
+            reads = [n for n, cls in methods if contract.contract_of(cls).needs_profile]
+            own = {"--method": f"Calibration method: {', '.join(n for n, _ in methods)} (see above).",
+                   "--profile": f"Refine this profile (made for the same model; {', '.join(reads)} read what it "
+                                "traced)."}
             for p in params:
                 flag = next((o for o in getattr(p, "opts", []) if o.startswith("--")), None)
-                text = contract.flag_help(flag) if flag else ""
+                text = own.get(flag) or (contract.flag_help(flag) if flag else "")
                 if text:
                     p.help = text
             self.help = (self.help or "") + "\n\n" + "\n\n".join(
-                f"{name}: {contract.contract_of(cls).about}." for name, cls in contract.methods())
+                f"{name}: {contract.contract_of(cls).about}." for name, cls in methods)
             self._from_contracts = True
         return params
 
@@ -293,9 +298,9 @@ _METHOD = "(help: `kvtool calibrate --help` lists which methods take it)"
 
 @app.command(cls=_CalibrateCommand)
 def calibrate(
-    method: str = typer.Option(..., "--method", "-m", help="Calibration method: duo, kvquant, pca, pod, razor or retrieval (see below)."),
+    method: str = typer.Option(..., "--method", "-m", help="Calibration method (`kvtool calibrate --help` lists them)."),
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
-    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; kvquant, pca and pod read what it traced)."),
+    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; some methods need one)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else smollm2.<method>.kv.st for the embedded model, <model>.<method>.kv.st for another)."),
     fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help=f"Head methods: keep this fraction of KV heads {_METHOD}."),
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help=f"Calibration samples {_METHOD}."),
