@@ -1,11 +1,21 @@
 """Calibration methods, one module per method, registered by name.
 
 A method reads traced statistics (or runs its own optimisation) and writes one section of a profile. Methods
-register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. A method's `run`
-returns a `Result`: head methods a `calibrate.heads.HeadsResult` (section `heads.<method>`, a retrieval `mask`, and
-they set the default policy's `heads`); others name their own section (`kvquant`: codebooks under `quant.`).
-Implemented: `retrieval`, `razor`, `duo` (KV heads), `kvquant` (non-uniform quantization levels); the other reference
-methods (pca, pod, snapkv) arrive with their own issues; see ../shared/METHODS.md.
+register themselves with `@register("name")`; `get("name")` finds one and `names()` lists them. A method is a
+dataclass (its fields are its options) with `run(model, tokenizer, profile=None, fraction=None, on_progress=None)`
+returning a `Result`, and a `contract` (calibrate.contract.Contract, declared at the end of its file): the CLI flag and
+help of each option, the sections it writes with their shapes, whether it needs a profile, the progress total and
+its summary. `kvtool calibrate` and kvtool.api.calibrate run every method through that contract, with no
+per-method branches. Head methods return a `calibrate.heads.HeadsResult` (section `heads.<method>`, a retrieval
+`mask`; they set the default policy's `heads`); others name their own section (`kvquant`: `quant.`, `pca`:
+`lowrank.`, `pod`: `layers.pod.`).
+
+Implemented: `retrieval`, `razor`, `duo` (KV heads), `kvquant` (non-uniform quantization levels), `pca` (low-rank
+bases and latent ranges), `pod` (layer groups sharing distant keys); snapkv arrives with its own issue (see
+../shared/METHODS.md). Adding a method is its file here (added to `_MODULES`) plus one entry in
+tests/test_methods.py's `TINY` (its options for a tiny model); that matrix checks the sections and shapes its contract
+declares, its summary, its CLI run and its refusals. A CLI flag no method had before is one more line in
+kvtool/cli.py's `calibrate` signature (the matrix says so until it is there).
 """
 
 from __future__ import annotations

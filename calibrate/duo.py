@@ -342,3 +342,48 @@ def _duo_attention(model, state: _DuoState):
     finally:
         _ACTIVE.remove(state)
         model.set_attn_implementation(previous)
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+
+
+def _duo_check(duo: Duo) -> None:
+    import os
+
+    if duo.resume and not os.path.isfile(duo.checkpoint):
+        raise KvtoolError(f"--resume: checkpoint {duo.checkpoint} "
+                          f"{'is not a file' if os.path.exists(duo.checkpoint) else 'does not exist'}")
+
+
+def _checkpoint_path(value) -> str:
+    import os
+
+    if os.path.isdir(value):
+        raise KvtoolError(f"--checkpoint {value} is a directory; give a file path inside it")
+    return str(value)
+
+
+def default_preset() -> str:
+    """'paper' with a GPU, else 'cpu'."""
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+Duo.default_preset = staticmethod(default_preset)
+Duo.presets = tuple(PRESETS)
+Duo.contract = C.Contract(
+    about="DuoAttention gates trained by distillation on passkey data (arXiv 2410.10819)",
+    options=(C.Option("preset", "--preset", f"settings preset, {' or '.join(PRESETS)} ('cpu': ~16 min on 2 cores "
+                      "for the default model)", default="paper with a GPU, else cpu"),
+             C.Option("steps", "--steps", "optimisation steps ("
+                      + ", ".join(f"{k} {PRESETS[k].get('steps', Duo.steps)}" for k in PRESETS) + ")",
+                      check=C.at_least("--steps", 1), default="the preset's"),
+             C.Option("checkpoint", "--checkpoint", "checkpoint file, written every --checkpoint-every steps",
+                      parse=_checkpoint_path),
+             C.Option("checkpoint_every", "--checkpoint-every", "steps between checkpoints",
+                      check=C.at_least("--checkpoint-every", 1), default="the preset's"),
+             C.Option("resume", "--resume", "continue from --checkpoint exactly where it stopped"),
+             C.seed("random seed of the passkey samples")),
+    sections=tuple(C.Section(f"heads.duo.{n}", "L, H") for n in ("gate", "score", "mask")),
+    summary=C.heads_summary("duo"), text=C.heads_text, fraction=True, check=_duo_check,
+    total=lambda r, model: r.steps, paper="arXiv 2410.10819")

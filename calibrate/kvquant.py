@@ -251,3 +251,38 @@ class _Collector:
             idx = torch.randperm(x.shape[1], generator=self.gen)[: self.method.max_points]
             x, w = x[:, idx], None if w is None else w[:, idx]
         return x.numpy(), None if w is None else w.double().numpy()
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+
+
+def _summary(profile) -> dict:
+    r = profile.calibration["methods"]["kvquant"]
+    return {"method": "kvquant", "bits": r["bits"], "kclip": r["kclip"], "vgroup": r["vgroup"],
+            "samples": r["samples"], "seq_len": r["seq_len"], "points": r["points"], "weighting": r["weighting"],
+            "uniform_fallback": len(r["uniform_fallback"]), "seconds": r["seconds"]}
+
+
+def _text(s: dict) -> str:
+    fallback = f", {s['uniform_fallback']} codebooks left uniform" if s["uniform_fallback"] else ""
+    return (f"kvquant: k-means levels for {'/'.join(map(str, s['bits']))}-bit keys (pre/post RoPE, kclip {s['kclip']})"
+            f" and values (vgroup {s['vgroup']}) from {s['samples']} x {s['seq_len']} tokens{fallback} "
+            f"({s['seconds']} s)")
+
+
+KVQuant.contract = C.Contract(
+    about="k-means quantization levels for keys and values (KVQuant, arXiv 2401.18079); use them with the run "
+          "policy codebook=kmeans",
+    options=(C.Option("bits", "--bits", "bit widths to learn levels for, comma-separated (2, 3, 4, 8)",
+                      parse=C.split_ints("--bits")),
+             C.Option("kclip", "--kclip", "key range quantile level (1 = min..max; 0.999, 0.995, 0.99); the "
+                      "runtime's kclip must match"),
+             C.Option("vgroup", "--vgroup", "value channels per per-token scale group (divides head_dim); the "
+                      "runtime's vgroup must match"),
+             C.Option("weighting", "--weighting", "'none' (plain k-means) or 'fisher' (weights = squared gradients; "
+                      "one backward pass per sample)"),
+             C.samples(), C.seq_len(), C.data(), C.seed("random seed of the samples and of k-means")),
+    sections=tuple(C.Section(f"quant.{n}.levels{{b}}", "L, H, 2**b", over="bits") for n in NAMES),
+    summary=_summary, text=_text, needs_profile=True, needs="channel ranges",
+    total=lambda r, model: r.samples + model.config.get_text_config().num_hidden_layers, paper="arXiv 2401.18079")

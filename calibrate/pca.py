@@ -173,3 +173,27 @@ class _Latents:
             self.n[name] += z.shape[1]
         idx = torch.randperm(z.shape[1], generator=self.gen)[: self.keep]
         self.points[name][layer].append(z[:, idx])
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+from kvtool.lowrank import FIELDS  # noqa: E402
+
+
+def _text(s: dict) -> str:
+    ranks = ", ".join(f"{k} {v['mean']} (max {v['max']})" for k, v in s.items() if "rank@" in k)
+    return f"pca: per-layer ranks by energy (mean over layers): {ranks}; {s['samples']} x {s['seq_len']} tokens " \
+           f"for the latent ranges ({s['seconds']} s)"
+
+
+PCA.contract = C.Contract(
+    about="low-rank bases of pre-RoPE keys and of values from the traced moments, with latent ranges (Palu, "
+          "arXiv 2407.21118); the rank is chosen later, by count or by energy, from the eigenvalues",
+    options=(C.Option("clip", "--clip", "clipped latent range: the (1 - clip, clip) quantiles per latent coordinate"),
+             C.samples("calibration samples for the latent ranges"), C.seq_len(), C.data(),
+             C.seed("random seed of the samples and of the kept points")),
+    sections=tuple(C.Section(f"{SECTION}.{n}.{f}", "L, H, D, D" if f == "basis" else "L, H, D")
+                   for n in NAMES for f in (*FIELDS, "power")),
+    reads=tuple(f"pca.{SOURCE[n]}.{f}" for n in NAMES for f in ("mean", "eigvals", "basis")),
+    summary=PCA.summary, text=_text, needs_profile=True, needs="traced PCA (pca.key_pre, pca.value)",
+    total=lambda r, model: r.samples, paper="arXiv 2407.21118")

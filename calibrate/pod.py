@@ -195,3 +195,38 @@ class _CrossMoments:
     def observe_attention(self, module, query, key, value, mask, scaling, softcap) -> None:
         if query.shape[0] != 1:
             raise KvtoolError("pod runs one sample at a time (batch size 1)")
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+
+
+def _text(s: dict) -> str:
+    groups = ", ".join(f"{a}-{b}" for a, b in s["groups"]) if s["per"] == "layer" else "per KV head"
+    held = f", held-out {s['held-out error']}" if s.get("held-out error") is not None else ""
+    return (f"pod: threshold {s['threshold']}, {s['layers sharing']} layers share keys (groups {groups or 'none'}); "
+            f"key-map error {s['fit error']}{held} vs {s['error keys as is']} sharing keys as they are "
+            f"({s['seconds']} s)")
+
+
+PoD.contract = C.Contract(
+    about="groups of consecutive layers with similar attention share distant tokens' keys, with least-squares key "
+          "maps (PoD, arXiv 2412.02252)",
+    options=(C.Option("threshold", "--threshold", "adjacent-layer similarity (1 - JS/ln 2, in [0, 1]) a layer needs "
+                      "to join the group above"),
+             C.Option("max_group", "--max-group", "most layers per group (default: no limit)"),
+             C.Option("per", "--per", "'layer' (min over KV heads) or 'head' (every KV head grouped on its own)"),
+             C.Option("groups", "--groups", "explicit groups such as 3-8,23-28 instead of the similarity"),
+             C.Option("ridge", "--ridge", "ridge of the key maps, relative to the mean eigenvalue of the leader's "
+                      "keys"),
+             C.samples("calibration samples for the key maps"),
+             C.Option("heldout", "--heldout", "further samples, not fitted on, for the held-out error (0: none)"),
+             C.seq_len(), C.data(), C.seed("random seed of the samples")),
+    sections=(C.Section(f"{SECTION}.group", "L, H"), C.Section(f"{SECTION}.leader", "L, H"),
+              C.Section(f"{SECTION}.map", "L, H, D, D"), C.Section(f"{SECTION}.fit_error", "L, H"),
+              C.Section(f"{SECTION}.share_error", "L, H"),
+              C.Section(f"{SECTION}.heldout_error", "L, H", when="heldout")),
+    reads=lambda r: ("layers.similarity",) if r.groups is None else (),
+    summary=PoD.summary, text=_text, needs_profile=lambda r: r.groups is None,
+    needs="layers.similarity (or give explicit --groups)",
+    total=lambda r, model: r.samples + r.heldout, paper="arXiv 2412.02252")

@@ -101,3 +101,15 @@ class _EchoInduction:
         d, m = self.dims, self.queries.numel()
         group = lambda t: (t / m).float().view(d.layers, d.kv_heads, d.group).amax(-1)   # noqa: E731
         return group(self.echo), group(self.induction)
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+
+Razor.contract = C.Contract(
+    about="echo and induction heads on a repeated random probe (RazorAttention, arXiv 2407.15891)",
+    options=(C.Option("probe_len", "--probe-len", "random tokens per copy (scaled down to the context)",
+                      check=C.at_least("--probe-len", 8)),
+             C.seed("random seed of the probe")),
+    sections=tuple(C.Section(f"heads.razor.{n}", "L, H") for n in ("score", "mask", "echo", "induction")),
+    summary=C.heads_summary("razor"), text=C.heads_text, fraction=True, paper="arXiv 2407.15891")

@@ -61,3 +61,23 @@ class Retrieval:
             raise KvtoolError("the model recalled none of the passkeys, so no copy score exists; "
                               "try shorter --seq-len or fewer needles")
         return stats.derive()[COPY_SCORE], "trace"
+
+
+# -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------
+from calibrate import contract as C  # noqa: E402
+
+
+def _retrieval_prepare(options: dict) -> dict:
+    """--samples or --seq-len given: trace new passkey samples instead of reusing the profile's trace."""
+    return {**options, "reuse": not ({"samples", "seq_len"} & options.keys())}
+
+
+Retrieval.contract = C.Contract(
+    about="retrieval heads by copy score on passkey data (Retrieval Head, arXiv 2404.15574); reuses a --profile "
+          "traced on passkey data unless --samples or --seq-len is given",
+    options=(C.Option("threshold", "--threshold", "copy score above which a head is a retrieval head",
+                      check=C.unit("--threshold")),
+             C.samples("passkey samples to trace"), C.seq_len(), C.seed("random seed of the passkey samples")),
+    sections=(C.Section("heads.retrieval.score", "L, H"), C.Section("heads.retrieval.mask", "L, H")),
+    summary=C.heads_summary("retrieval"), text=C.heads_text, fraction=True,
+    total=lambda r, model: r.samples, prepare=_retrieval_prepare, paper="arXiv 2404.15574")

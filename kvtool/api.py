@@ -126,6 +126,40 @@ def _lengths(values: list[int]) -> str:
     return ", ".join(map(str, values)) or "unknown"
 
 
+def make_runner(method: str, options: dict | None = None):
+    """The method object of registered `method` with `options` ({field: value}; `preset` for a method with
+    presets); an option the method does not have, or a bad value, is a one-line KvtoolError. Needs no model."""
+    import dataclasses
+
+    import calibrate as registry
+
+    runner_cls = registry.get(method)
+    options = dict(options or {})
+    preset = options.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(runner_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown or (preset is not None and not hasattr(runner_cls, "from_preset")):
+        name = unknown[0] if unknown else "preset"
+        raise KvtoolError(f"bad option for --method {method}: {name!r} is not one of its options")
+    try:
+        return runner_cls.from_preset(preset, **options) if hasattr(runner_cls, "from_preset") \
+            else runner_cls(**options)
+    except TypeError as exc:
+        raise KvtoolError(f"bad option for --method {method}: {exc}") from None
+
+
+def _check_sections(method: str, contract, runner, result, model) -> None:
+    """A method writes exactly the sections its contract declares, with the declared shapes (a bug otherwise)."""
+    from kvtool.trace import Dims
+
+    d = Dims.of(model)
+    expected = contract.expected(runner, d.layers, d.kv_heads, d.head_dim)
+    written = {f"{result.section}.{n}": tuple(t.shape) for n, t in result.tensors.items()}
+    if written != expected:
+        wrong = sorted(set(written.items()) ^ set(expected.items()))
+        raise RuntimeError(f"calibration method {method} broke its contract: {wrong[:4]}")
+
+
 def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, fraction: float | None = None,
               options: dict | None = None, on_progress=None) -> Profile:
     """Run a registered calibration method and return `profile` (or a new one) with its section.
@@ -134,24 +168,25 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
     extras, and set the default policy's `heads` to `<method>:<fraction kept>` (stored as the canonical policy
     string); other methods write their own section
     (`kvquant`: `quant.*` codebooks) and leave the policy alone. Provenance goes under
-    kvtool.calibration["methods"][method] (head methods add their `windows`)."""
-    import calibrate as registry
+    kvtool.calibration["methods"][method] (head methods add their `windows`). The method's contract
+    (calibrate.contract) says which options it takes (`options`: {field: value}), whether it needs `profile`, and
+    which tensors it writes (checked here); `calibrate.get(method).contract.summary(profile)` summarises the result."""
+    from calibrate.contract import contract_of
     from calibrate.heads import HeadsResult, check_fraction
 
-    runner_cls = registry.get(method)
+    runner = make_runner(method, options)
+    contract = contract_of(type(runner))
     if fraction is not None:
+        if not contract.fraction:
+            raise KvtoolError(f"--retrieval-fraction does not apply to {method}")
         check_fraction(fraction)
+    if profile is None and contract.requires_profile(runner):
+        raise KvtoolError(f"{method} needs a profile's {contract.needs}: give --profile (made by `kvtool profile`)")
     if profile is not None:
         profile.check_model(model)
-    options = dict(options or {})
-    preset = options.pop("preset", None)
-    try:
-        runner = runner_cls.from_preset(preset, **options) if hasattr(runner_cls, "from_preset") \
-            else runner_cls(**options)
-    except TypeError as exc:
-        raise KvtoolError(f"bad option for --method {method}: {exc}") from None
     start = time.perf_counter()
     result = runner.run(model, tokenizer, profile=profile, fraction=fraction, on_progress=on_progress)
+    _check_sections(method, contract, runner, result, model)
     if profile is None:
         profile = Profile(tensors={}, model=model_meta(model, name=getattr(model, "kvtool_name", None)),
                           calibration={"data": {"kind": method}, "samples": 0, "lengths": [], "methods": {},

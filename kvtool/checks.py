@@ -71,6 +71,15 @@ def context(limit: int | None, tokens: int, what: str) -> None:
         raise KvtoolError(f"{what} is beyond the model's context of {limit} tokens")
 
 
+def profile_tensors(path: str | os.PathLike) -> set[str]:
+    """The tensor names of a --profile (checked by profile_file first), from its header alone."""
+    from safetensors import safe_open
+
+    path = profile_file(path)
+    with safe_open(str(path), framework="pt") as fh:
+        return set(fh.keys())
+
+
 def profile_file(path: str | os.PathLike) -> Path:
     """Refuse a --profile that is missing, not a file, or not a kvtool profile, from its header alone."""
     from safetensors import safe_open

@@ -246,11 +246,13 @@ def inspect(
                        ("streaming_heads", "Most streaming-like KV heads"),
                        ("layer_similarity", "Adjacent-layer attention similarity (1 - JS/ln2, mean over KV heads)"),
                        ("outlier_channels", "Outlier channels (abs-max ≥ 4× the head's median channel)"),
-                       ("pca", "PCA: explained variance at rank r (mean over layers and KV heads)")):
+                       ("pca", "PCA: explained variance at rank r (mean over layers and KV heads)"),
+                       ("lowrank", "Low-rank (calibrate --method pca): ranks that keep energy E, per layer and KV head"),
+                       ("pod", "PoD layer groups (calibrate --method pod): shared keys, key-map and sharing errors")):
         rows = summary.get(key)
         if rows:
             out.print(_table(title, rows))
-        elif key == "outlier_channels":
+        elif key == "outlier_channels" or (key == "pod" and key in summary):
             out.print(f"{title}: none")
     if plot is not None:
         out.print(f"Heatmaps written to [bold]{shown(plot)}[/]")
@@ -267,35 +269,69 @@ def _table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-@app.command(cls=_Command)
+class _CalibrateCommand(_Command):
+    """`kvtool calibrate --help`: each method flag's help lists the methods that take it, their meaning and
+    defaults, from the methods' contracts (calibrate.contract), and the command's help lists the methods."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        if not getattr(self, "_from_contracts", False):
+            from calibrate import contract
+
+            methods = contract.methods()
+            reads = [n for n, cls in methods if contract.contract_of(cls).needs_profile]
+            own = {"--method": f"Calibration method: {', '.join(n for n, _ in methods)} (see above).",
+                   "--profile": f"Refine this profile (made for the same model; {', '.join(reads)} read what it "
+                                "traced)."}
+            for p in params:
+                flag = next((o for o in getattr(p, "opts", []) if o.startswith("--")), None)
+                text = own.get(flag) or (contract.flag_help(flag) if flag else "")
+                if text:
+                    p.help = text
+            self.help = (self.help or "") + "\n\n" + "\n\n".join(
+                f"{name}: {contract.contract_of(cls).about}." for name, cls in methods)
+            self._from_contracts = True
+        return params
+
+
+_METHOD = "(help: `kvtool calibrate --help` lists which methods take it)"
+
+
+@app.command(cls=_CalibrateCommand)
 def calibrate(
-    method: str = typer.Option(..., "--method", "-m", help="retrieval, razor or duo (classify KV heads) or kvquant (k-means quantization levels)."),
+    method: str = typer.Option(..., "--method", "-m", help="Calibration method (`kvtool calibrate --help` lists them)."),
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
-    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; kvquant needs one)."),
+    profile_in: Optional[Path] = typer.Option(None, "--profile", help="Refine this profile (made for the same model; some methods need one)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: --profile, else smollm2.<method>.kv.st for the embedded model, <model>.<method>.kv.st for another)."),
-    fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help="Keep this fraction of KV heads as retrieval heads (global quantile of the score) instead of the method's own rule."),
-    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="retrieval: passkey samples (default 8); kvquant: calibration samples (default 4)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-L", help="retrieval, kvquant: tokens per sample (default 1024). retrieval with a --profile traced on passkey data reuses its copy scores unless --samples or --seq-len is given."),
-    data: Optional[str] = typer.Option(None, "--data", help="kvquant: 'passkey' (built-in, the default) or a .txt / .jsonl file."),
-    bits: str = typer.Option("2,3,4", "--bits", help="kvquant: bit widths to learn levels for, comma-separated (2, 3, 4, 8)."),
-    kclip: float = typer.Option(0.999, "--kclip", help="kvquant: key range quantile level (1 = min..max; 0.999, 0.995, 0.99); the runtime's kclip must match."),
-    vgroup: int = typer.Option(32, "--vgroup", help="kvquant: value channels per per-token scale group (divides head_dim); the runtime's vgroup must match."),
-    weighting: str = typer.Option("none", "--weighting", help="kvquant: 'none' (plain k-means) or 'fisher' (weights = squared gradients; one backward pass per sample)."),
-    probe_len: int = typer.Option(2500, "--probe-len", help="razor: random tokens per copy (scaled down to the context)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="duo: 'cpu' (~16 min on 2 cores for the default model; the default without a GPU) or 'paper'."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="duo: optimisation steps (overrides the preset)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="duo: checkpoint file, written every --checkpoint-every steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="duo: steps between checkpoints."),
-    resume: bool = typer.Option(False, "--resume", help="duo: continue from --checkpoint exactly where it stopped."),
+    fraction: Optional[float] = typer.Option(None, "--retrieval-fraction", help=f"Head methods: keep this fraction of KV heads {_METHOD}."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help=f"Calibration samples {_METHOD}."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-L", help=f"Tokens per sample {_METHOD}."),
+    data: Optional[str] = typer.Option(None, "--data", help=f"'passkey' (built-in) or a .txt / .jsonl file {_METHOD}."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Random seed {_METHOD}."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"Threshold of the method's score {_METHOD}."),
+    bits: Optional[str] = typer.Option(None, "--bits", help=f"Bit widths {_METHOD}."),
+    kclip: Optional[float] = typer.Option(None, "--kclip", help=f"Key range quantile level {_METHOD}."),
+    vgroup: Optional[int] = typer.Option(None, "--vgroup", help=f"Value channels per scale group {_METHOD}."),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help=f"k-means weighting {_METHOD}."),
+    probe_len: Optional[int] = typer.Option(None, "--probe-len", help=f"Random tokens per copy {_METHOD}."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Settings preset {_METHOD}."),
+    steps: Optional[int] = typer.Option(None, "--steps", help=f"Optimisation steps {_METHOD}."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=f"Checkpoint file {_METHOD}."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help=f"Steps between checkpoints {_METHOD}."),
+    resume: bool = typer.Option(False, "--resume", help=f"Continue from --checkpoint {_METHOD}."),
+    clip: Optional[float] = typer.Option(None, "--clip", help=f"Latent range quantile level {_METHOD}."),
+    max_group: Optional[int] = typer.Option(None, "--max-group", help=f"Most layers per group {_METHOD}."),
+    per: Optional[str] = typer.Option(None, "--per", help=f"Group whole layers or single KV heads {_METHOD}."),
+    groups: Optional[str] = typer.Option(None, "--groups", help=f"Explicit layer groups {_METHOD}."),
+    ridge: Optional[float] = typer.Option(None, "--ridge", help=f"Ridge of the key maps {_METHOD}."),
+    heldout: Optional[int] = typer.Option(None, "--heldout", help=f"Held-out samples {_METHOD}."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Calibrate one method and write its section into a profile.
+    """Calibrate one method and write its sections into a profile.
 
-    retrieval, razor, duo: classify KV heads as retrieval (whole context) or streaming (sink + recent) into
-    heads.<method>.*; kvquant: k-means quantization levels for keys and values into quant.* (use them with the run
-    policy codebook=kmeans)."""
-    import calibrate as registry
+    A method flag that the method does not take is refused; a flag left out means the method's default. Methods:"""
+    from calibrate.contract import contract_of
     from calibrate.heads import check_fraction
     from kvtool import checks
     from kvtool.api import calibrate as run_calibration
@@ -303,98 +339,86 @@ def calibrate(
     from kvtool.models import _as_dtype, load_model
     from kvtool.profile import Profile
 
-    registry.get(method)                                       # unknown method: fail before loading anything
+    given = {"--samples": samples, "--seq-len": seq_len, "--data": data, "--seed": seed, "--threshold": threshold,
+             "--bits": bits, "--kclip": kclip, "--vgroup": vgroup, "--weighting": weighting, "--probe-len": probe_len,
+             "--preset": preset, "--steps": steps, "--checkpoint": checkpoint, "--checkpoint-every": checkpoint_every,
+             "--resume": resume or None, "--clip": clip, "--max-group": max_group, "--per": per, "--groups": groups,
+             "--ridge": ridge, "--heldout": heldout}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    options, runner = method_options(method, given, fraction)                 # unknown method, bad values: refused
+    contract = contract_of(type(runner))
     if fraction is not None:
         check_fraction(fraction)
     path = _writable_target(output or profile_in or _default_output(model, method))
     _as_dtype(dtype)
-    if samples is not None:
-        checks.samples(samples)
-    explicit = samples is not None or seq_len is not None
-    seq_len = 1024 if seq_len is None else seq_len
-    if method in ("retrieval", "kvquant"):
-        checks.whole("--seq-len", seq_len, 2)
-        if method == "kvquant" or explicit or profile_in is None:    # retrieval may reuse the profile's own trace
-            checks.context(checks.model_context(model), seq_len, f"--seq-len {seq_len}")
-    if method == "razor":
-        checks.whole("--probe-len", probe_len, 8)
     if profile_in is not None:
-        checks.profile_file(profile_in)
-    duo = {}
-    if method == "duo":
-        if steps is not None:
-            duo["steps"] = checks.whole("--steps", steps)
-        if checkpoint_every is not None:
-            duo["checkpoint_every"] = checks.whole("--checkpoint-every", checkpoint_every)
-        if checkpoint is not None:
-            if checkpoint.is_dir():
-                raise KvtoolError(f"--checkpoint {checkpoint} is a directory; give a file path inside it")
-            if resume and not checkpoint.is_file():
-                raise KvtoolError(f"--resume: checkpoint {checkpoint} "
-                                  f"{'is not a file' if checkpoint.exists() else 'does not exist'}")
-            duo["checkpoint"] = str(_writable_target(checkpoint))
-        if resume:
-            duo["resume"] = True
-        if preset is None:
-            import torch
-
-            preset = "paper" if torch.cuda.is_available() else "cpu"
-            err.print(f"duo: using the '{preset}' preset (choose with --preset cpu|paper)")
-        duo_steps = registry.get("duo").from_preset(preset, **duo).steps   # bad settings: fail before loading
-    options = {"retrieval": {"samples": 8 if samples is None else samples, "seq_len": seq_len, "reuse": not explicit},
-               "razor": {"probe_len": probe_len}, "duo": {"preset": preset, **duo}}.get(method, {})
-    if method == "kvquant":
-        if fraction is not None:
-            raise KvtoolError("--retrieval-fraction does not apply to kvquant (it learns quantization levels)")
-        if profile_in is None:
-            raise KvtoolError("kvquant needs a profile's channel ranges: give --profile (made by `kvtool profile`)")
-        try:
-            bit_list = [int(b) for b in bits.replace(",", " ").split()]
-        except ValueError:
-            raise KvtoolError(f"--bits must be comma-separated integers such as 2,3,4 (got {bits!r})") from None
-        options = {"bits": bit_list, "kclip": kclip, "vgroup": vgroup, "samples": 4 if samples is None else samples,
-                   "seq_len": seq_len, "data": data, "weighting": weighting}
-        registry.get(method)(**options)                        # bad bits / kclip / vgroup: fail before loading
-        check_data(data, seq_len)
+        held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
+        missing = [n for n in contract.required(runner) if n not in held]
+        if missing:
+            raise KvtoolError(f"profile {profile_in} has no {', '.join(missing[:3])}"
+                              f"{' ...' if len(missing) > 3 else ''}: {method} needs a profile's {contract.needs}; "
+                              "make it with `kvtool profile`")
+    elif contract.requires_profile(runner):
+        raise KvtoolError(f"{method} needs a profile's {contract.needs}: give --profile (made by `kvtool profile`)")
+    if getattr(runner, "checkpoint", None):
+        _writable_target(Path(runner.checkpoint))
+    seq = getattr(runner, "seq_len", None)
+    if seq is not None and not (getattr(runner, "reuse", False) and profile_in is not None):  # it traces anew
+        checks.context(checks.model_context(model), seq, f"--seq-len {seq}")
+    if "data" in options:
+        check_data(options["data"], seq)
     _quiet_libraries()
     with err.status("Loading model"):
         mdl, tok = load_model(model, dtype=dtype)
         base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
-    if method == "retrieval" and registry.get(method)(**options).reuses(base):
+    if getattr(runner, "reuses", None) and runner.reuses(base):
         c = base.calibration
-        err.print(f"retrieval: using the copy scores of {shown(profile_in)}'s passkey trace ({c.get('samples')} "
+        err.print(f"{method}: using the copy scores of {shown(profile_in)}'s passkey trace ({c.get('samples')} "
                   f"samples of {_lengths(c.get('lengths'))} tokens); give --samples / --seq-len to trace new passkey "
                   "samples instead", soft_wrap=True)
     with _progress() as bar:
-        total = options["samples"] if method == "retrieval" else \
-            duo_steps if method == "duo" else \
-            (options["samples"] + mdl.config.get_text_config().num_hidden_layers) if method == "kvquant" else 1
-        task = bar.add_task(f"calibrate {method}", total=total, info="")
+        task = bar.add_task(f"calibrate {method}", total=contract.total(runner, mdl), info="")
         prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
                                on_progress=lambda i, info="": bar.update(task, completed=i, info=shown(info)))
     prof.save(path)
-    record = prof.calibration["methods"][method]
-    if method == "kvquant":
-        summary = {"output": str(path), "method": method, "bits": record["bits"], "kclip": record["kclip"],
-                   "vgroup": record["vgroup"], "samples": record["samples"], "seq_len": record["seq_len"],
-                   "points": record["points"], "weighting": record["weighting"],
-                   "uniform_fallback": len(record["uniform_fallback"]), "seconds": record["seconds"]}
-        if as_json:
-            print(json.dumps(summary, indent=2))
-            return
-        fallback = f", {summary['uniform_fallback']} codebooks left uniform" if summary["uniform_fallback"] else ""
-        out.print(f"kvquant: k-means levels for {'/'.join(map(str, summary['bits']))}-bit keys (pre/post RoPE, "
-                  f"kclip {summary['kclip']}) and values (vgroup {summary['vgroup']}) from {summary['samples']} x "
-                  f"{summary['seq_len']} tokens{fallback} ({summary['seconds']} s) -> [bold]{shown(path)}[/]")
-        return
-    mask = prof[f"heads.{method}.mask"]
-    summary = {"output": str(path), "method": method, "retrieval_heads": int(mask.sum()), "kv_heads": mask.numel(),
-               "policy": prof.policy, "seconds": record["seconds"]}
+    summary = {"output": str(path), **contract.summary(prof)}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    out.print(f"{method}: {summary['retrieval_heads']} of {summary['kv_heads']} KV heads are retrieval heads "
-              f"({summary['seconds']} s) -> [bold]{shown(path)}[/]")
+    out.print(f"{shown(contract.text(summary))} -> [bold]{shown(path)}[/]", soft_wrap=True)
+
+
+def method_options(method: str, given: dict, fraction: float | None = None) -> tuple[dict, object]:
+    """`kvtool calibrate`'s flags {flag: value} (only those given) -> (options for kvtool.api.calibrate, the method
+    object they make), from the method's contract; a flag the method does not take is refused in one line, and every
+    value is checked (the method's dataclass checks the rest) — all before the model loads."""
+    import calibrate as registry
+    from calibrate.contract import contract_of
+    from kvtool.api import make_runner
+
+    contract = contract_of(registry.get(method))
+    takes = contract.flags()
+    for flag in given:
+        if flag not in takes:
+            raise KvtoolError(f"{flag} does not apply to {method}")
+    if fraction is not None and not contract.fraction:
+        raise KvtoolError(f"--retrieval-fraction does not apply to {method}")
+    options = {}
+    for flag, value in given.items():
+        opt = takes[flag]
+        if opt.check is not None:
+            opt.check(value)
+        options[opt.field] = opt.parse(value) if opt.parse is not None else value
+    if contract.prepare is not None:
+        options = contract.prepare(options)
+    cls = registry.get(method)
+    if hasattr(cls, "from_preset") and options.get("preset") is None:
+        options["preset"] = cls.default_preset()
+        err.print(f"{method}: using the '{options['preset']}' preset (choose with --preset {'|'.join(cls.presets)})")
+    runner = make_runner(method, options)
+    if contract.check is not None:
+        contract.check(runner)
+    return options, runner
 
 
 @app.command(cls=_Command)
