@@ -26,9 +26,11 @@ from kvtool import sections
 from kvtool.attention import KVTOOL_ATTENTION, kvtool_attention, kvtool_mask, use_kvtool_attention  # noqa: F401
 from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
+from kvtool.lowrank_setup import lowrank_formats
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
 from kvtool.stores import QuantizedStore, SlidingStore, Store, WindowStore, storage_dtype  # noqa: F401
+from kvtool.stores.lowrank import LowRankStore
 from kvtool.trace import Dims
 from kvtool.windows import window_allowed  # noqa: F401  (re-exported: the streaming rule)
 
@@ -167,6 +169,7 @@ class CompressedCache(Cache):
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
         formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
+        self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)
         layers = [self._layer(i, formats[i], dtype) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
@@ -174,8 +177,8 @@ class CompressedCache(Cache):
             use_kvtool_attention(model)
 
     def _layer(self, i: int, fmt, dtype) -> StoreLayer:
-        """Layer i's stores: one SlidingStore for a sliding-window layer, else QuantizedStore (retrieval heads) and
-        WindowStore (streaming heads)."""
+        """Layer i's stores: one SlidingStore for a sliding-window layer, else QuantizedStore (retrieval heads; a
+        LowRankStore when the policy sets krank / vrank) and WindowStore (streaming heads)."""
         if self.sliding and self.sliding[i]:
             return StoreLayer([HeadGroup(SlidingStore(self.window, dtype), None, None)], sliding=True,
                               backend=self.backend)
@@ -184,7 +187,11 @@ class CompressedCache(Cache):
         every = len(ret) == self.dims.kv_heads or len(stream) == self.dims.kv_heads
         groups = []
         if len(ret):
-            store = QuantizedStore.from_policy(self.policy, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
+            latents = getattr(self, "lowrank", None) and self.lowrank[i]
+            if latents:
+                store = LowRankStore.from_policy(self.policy, dtype, key=latents[0], value=latents[1], rope=latents[2])
+            else:
+                store = QuantizedStore.from_policy(self.policy, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
             groups.append(HeadGroup(store, None if every else ret, None if every else _q_index(ret, g)))
         if len(stream):
             groups.append(HeadGroup(WindowStore.from_policy(self.policy, dtype), None if every else stream,

@@ -11,6 +11,7 @@ no entry).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ from kvtool.attention import attend_layer
 from kvtool.cache import HeadGroup, StoreLayer, _q_index
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
 from kvtool.stores import STORES, QuantizedStore, SlidingStore, WindowStore, merge, partial
+from kvtool.lowrank import LowRank
+from kvtool.lowrank_setup import latent
 from kvtool.stores.base import empty_partial
+from kvtool.stores.lowrank import LowRankStore
 
 B, H, G, D, T = 1, 2, 2, 16, 45          # batch, KV heads, query heads per KV head, head_dim, tokens
 F32 = 4
@@ -42,6 +46,43 @@ def _keys(seed=0):
 def _key_format(k, bits, rope=None, outliers=False, kclip=0.0):
     lo, hi = k.amin((0, 2)) + kclip, k.amax((0, 2)) - kclip                   # [H, D]
     return KeyFormat(quant.ChannelQuantizer.from_range(lo, hi, bits), rope, outliers)
+
+
+def _lowrank_section(k, v) -> dict:
+    """A tiny synthetic `lowrank.` profile section (one layer, [1, H, ...]) fitted on k, v [B, H, T, D]: mean,
+    eigenvalues and eigenvectors of the covariance per head, and the latent ranges on the same data."""
+    out = {}
+    for name, x in (("key", k), ("value", v)):
+        xs = x[0].double()                                                    # [H, T, D]
+        mean = xs.mean(1)
+        c = (xs - mean[:, None]).transpose(-1, -2) @ (xs - mean[:, None]) / xs.shape[1]
+        ev, basis = torch.linalg.eigh(c)
+        ev, basis = ev.flip(-1), basis.flip(-1)                                # descending
+        z = (xs - mean[:, None]) @ basis
+        for f, t in (("mean", mean), ("eigvals", ev), ("basis", basis), ("lo", z.amin(1)), ("hi", z.amax(1)),
+                     ("qlo", z.quantile(0.05, 1)), ("qhi", z.quantile(0.95, 1))):
+            out[f"lowrank.{name}.{f}"] = t[None].float()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _rope():
+    return RopeTable.of(tiny_model("gqa"), D)
+
+
+def _lowrank_store(k, rk=14, rv=14):
+    """Keys arrive post-RoPE (positions 0..T-1): the section is fitted on them pre-RoPE, as calibrate pca does."""
+    sec = _lowrank_section(_rope().unrotate(k, 0), _keys(0)[2])
+    heads = torch.arange(H)
+    key, value = (latent(LowRank.from_tensors(sec, n), 0, heads, r) for n, r in (("key", rk), ("value", rv)))
+    return LowRankStore(key, value, _rope(), sink=3, buffer=5, dtype=torch.float32, block=8)
+
+
+def _lrnbytes(n, sink, buffer, rk, rv):
+    """Bytes of a float32 LowRankStore holding n tokens of H heads: 16-bit parts, latents, mean + r basis columns."""
+    body = max(0, n - min(n, sink) - buffer)
+    consts = 4 * (2 * H * D + H * D * (rk + rv)) if n else 0
+    return (n - body) * 2 * H * D * F32 + body * H * (rk + rv) * F32 + consts
 
 
 @dataclass
@@ -76,6 +117,7 @@ CASES = {
     "quantized-8bit": Case("quantized", lambda k: QuantizedStore(8, 8, 2, 4, torch.float32, _key_format(k, 8),
                                                                  ValueFormat(8, 8, None), block=16),
                            lambda n: _qnbytes(n, 2, 4, 8, 8), bound=0.03),
+    "lowrank-r14": Case("lowrank", _lowrank_store, lambda n: _lrnbytes(n, 3, 5, 14, 14), bound=0.6),
 }
 
 
@@ -127,7 +169,7 @@ def test_blocked_read_equals_whole_read(name):
     qpos = torch.tensor([T - 1, T + 3, T + 40])                       # queries after everything held
     qq = q[:, :, :3]
     got, lse = store.attend(qq, qpos, 0.25)
-    if isinstance(store, QuantizedStore):
+    if isinstance(store, (QuantizedStore, LowRankStore)):
         kk, vv, kpos = store.read()
     elif isinstance(store, WindowStore):
         kk, vv, kpos = torch.cat([store.sink_k, store.recent_k], 2), torch.cat([store.sink_v, store.recent_v], 2), \
@@ -164,6 +206,8 @@ def test_stores_composed_in_one_layer(a, b):
             qz = s.key.quantizer
             s.key = KeyFormat(quant.ChannelQuantizer(qz.lo[head:head + 1], qz.span[head:head + 1], qz.bits,
                                                      qz.levels), None, False)
+        if isinstance(s, LowRankStore):
+            s.key, s.value = s.key.select(slice(head, head + 1)), s.value.select(slice(head, head + 1))
     groups = [HeadGroup(s, torch.tensor([h]), _q_index(torch.tensor([h]), G)) for s, h in ((sa, 0), (sb, 1))]
     layer = StoreLayer(groups)
     outs = []
