@@ -28,7 +28,7 @@ from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
-from kvtool.stores import QuantizedStore, SlidingStore, Store, WindowStore, storage_dtype  # noqa: F401
+from kvtool.stores import QuantizedStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore, storage_dtype  # noqa: F401,E501
 from kvtool.trace import Dims
 from kvtool.windows import window_allowed  # noqa: F401  (re-exported: the streaming rule)
 
@@ -166,30 +166,94 @@ class CompressedCache(Cache):
         device = next(model.parameters()).device
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
-        formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)
+        self.pod_leader, self.pod_maps, self.banks = self._shared_banks(model, profile, dtype)
+        formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
         layers = [self._layer(i, formats[i], dtype) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
         if model.config._attn_implementation != KVTOOL_ATTENTION:
             use_kvtool_attention(model)
 
+    def _shared_banks(self, model, profile, dtype):
+        """The PoD groups of policy `pod` (kvtool/stores/shared.py): (leader [L, H_kv] long, maps [L, H_kv, D, D] or
+        None, banks {leader layer: SharedKeys}); (None, None, {}) with pod=off. A bank holds the leader's keys of the
+        KV heads that are retrieval heads in the leader and in at least one later layer of its group."""
+        if self.policy.pod == "off":
+            return None, None, {}
+        from kvtool.sharing import SECTION
+
+        d = self.dims
+        if profile is None or f"{SECTION}.leader" not in profile or f"{SECTION}.map" not in profile:
+            raise KvtoolError(f"policy pod={self.policy.pod} needs a profile with {SECTION}.* "
+                              "(run kvtool calibrate --method pod)")
+        if self.policy.quantized:
+            raise KvtoolError(f"policy pod={self.policy.pod} does not compose with k or v below 16 bits yet "
+                              "(shared keys and per-layer values are 16-bit): use k=16,v=16")
+        leader, maps = profile[f"{SECTION}.leader"].long(), profile[f"{SECTION}.map"]
+        if tuple(leader.shape) != (d.layers, d.kv_heads) or tuple(maps.shape) != (d.layers, d.kv_heads, d.head_dim,
+                                                                                  d.head_dim):
+            raise KvtoolError(f"{SECTION}.leader/map have shapes {list(leader.shape)}/{list(maps.shape)}, not "
+                              f"[{d.layers}, {d.kv_heads}] / [..., {d.head_dim}, {d.head_dim}] of this model")
+        for l, h in (leader != torch.arange(d.layers).view(-1, 1)).nonzero().tolist():
+            j = int(leader[l, h])
+            if not 0 <= j < l:
+                raise KvtoolError(f"{SECTION}.leader: layer {l} names layer {j} as its leader (not an earlier layer)")
+            inside = [s for s in range(j, l + 1) if self.sliding and self.sliding[s]]
+            if inside:
+                raise KvtoolError(f"{SECTION}: the group of layers {j}-{l} spans sliding-window layer {inside[0]}, "
+                                  "which keeps its own window and cannot share keys")
+        rope = None
+        if self.policy.pod == "map":
+            from kvtool.kvstore import RopeTable
+
+            rope = RopeTable.of(model, d.head_dim)
+            if rope is None:
+                raise KvtoolError("policy pod=map needs a model with a full-width rotary embedding (model.rotary_emb)")
+        banks = {}
+        for j in range(d.layers):
+            later = (leader[j + 1:] == j) & self.retrieval[j + 1:]                     # [L-j-1, H]
+            heads = (self.retrieval[j] & later.any(0)).nonzero().view(-1)
+            if len(heads):
+                banks[j] = SharedKeys(j, heads, self.policy.sink, dtype, rope)
+        return leader, (maps if self.policy.pod == "map" else None), banks
+
     def _layer(self, i: int, fmt, dtype) -> StoreLayer:
         """Layer i's stores: one SlidingStore for a sliding-window layer, else QuantizedStore (retrieval heads) and
-        WindowStore (streaming heads)."""
+        WindowStore (streaming heads); with policy `pod`, retrieval heads that lead or join a group's shared keys
+        get a SharedStore per leader layer instead of the QuantizedStore."""
         if self.sliding and self.sliding[i]:
             return StoreLayer([HeadGroup(SlidingStore(self.window, dtype), None, None)], sliding=True,
                               backend=self.backend)
-        g = self.dims.group
-        ret, stream = self.retrieval[i].nonzero().view(-1), (~self.retrieval[i]).nonzero().view(-1)
-        every = len(ret) == self.dims.kv_heads or len(stream) == self.dims.kv_heads
-        groups = []
-        if len(ret):
-            store = QuantizedStore.from_policy(self.policy, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
-            groups.append(HeadGroup(store, None if every else ret, None if every else _q_index(ret, g)))
+        g, n = self.dims.group, self.dims.kv_heads
+        ret = self.retrieval[i].clone()
+        parts: list[tuple[Store, torch.Tensor]] = []                          # (store, its KV heads)
+        pol = self.policy
+        if i in self.banks:                                                   # leader of its heads' group
+            bank = self.banks[i]
+            parts.append((SharedStore(bank, True, pol.sink, pol.podrecent, dtype), bank.heads))
+            ret[bank.heads] = False
+        if self.pod_leader is not None:
+            for j in sorted(set(self.pod_leader[i].tolist()) - {i}):
+                if j not in self.banks:
+                    continue
+                bank = self.banks[j]
+                heads = (ret & (self.pod_leader[i] == j) & torch.isin(torch.arange(n), bank.heads)).nonzero().view(-1)
+                if not len(heads):
+                    continue
+                idx = (bank.heads.view(1, -1) == heads.view(-1, 1)).int().argmax(1)   # heads' rows in the bank
+                w = None if self.pod_maps is None else self.pod_maps[i, heads]         # [h, D, D]
+                parts.append((SharedStore(bank, False, pol.sink, pol.podrecent, dtype, idx, w), heads))
+                ret[heads] = False
+        if ret.any():
+            # with pod, fmt is (None, None): the cache refuses pod with k or v < 16, so formats never need slicing
+            parts.append((QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1], backend=self.backend),
+                          ret.nonzero().view(-1)))
+        stream = (~self.retrieval[i]).nonzero().view(-1)
         if len(stream):
-            groups.append(HeadGroup(WindowStore.from_policy(self.policy, dtype), None if every else stream,
-                                    None if every else _q_index(stream, g)))
-        return StoreLayer(groups, backend=self.backend)
+            parts.append((WindowStore.from_policy(pol, dtype), stream))
+        every = len(parts) == 1
+        return StoreLayer([HeadGroup(s, None if every else h, None if every else _q_index(h, g)) for s, h in parts],
+                          backend=self.backend)
 
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization

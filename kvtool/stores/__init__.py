@@ -3,6 +3,7 @@
     window     sink + recent tokens in 16 bits (StreamingLLM)                 kvtool/stores/window.py
     quantized  16-bit sink | quantized body | 16-bit buffer (KIVI, KVQuant)   kvtool/stores/quantized.py
     sliding    a model's own sliding-window layer                            kvtool/stores/sliding.py
+    shared     distant keys shared by a PoD layer group (PoD, MiniCache)      kvtool/stores/shared.py
 
 Importing this package registers every store's policy fields (kvtool.policy table), in canonical order: the layer's
 `heads` first, then each store's fields, then the layer's `dtype`.
@@ -16,8 +17,9 @@ from kvtool.stores.base import STORES, Store, merge, partial, register, storage_
 from kvtool.stores.window import WindowStore  # noqa: E402
 from kvtool.stores.quantized import QuantizedStore  # noqa: E402
 from kvtool.stores.sliding import SlidingStore  # noqa: E402
+from kvtool.stores.shared import SharedKeys, SharedStore  # noqa: E402
 
 register_field(DTYPE)
 
 __all__ = ["STORES", "Store", "merge", "partial", "register", "storage_dtype", "WindowStore", "QuantizedStore",
-           "SlidingStore"]
+           "SlidingStore", "SharedKeys", "SharedStore"]
