@@ -1,5 +1,5 @@
-"""PoD shared keys, pilot: continuation NLL and bytes of the full cache vs `pod=on` / `pod=map` (kvtool/stores/shared.py)
-on the embedded model. A pilot (2 contexts of 1024 + 64 tokens), not the issue's benchmark.
+"""PoD shared keys, pilot: continuation NLL and bytes of the full cache vs `pod=on` / `pod=map`
+(kvtool/stores/shared.py) on the embedded model. A pilot (2 contexts of 1024 + 64 tokens), not the issue's benchmark.
 
     python benchmarks/pod_pilot.py --threshold 0.5 --specs "heads=all;heads=all,pod=on;heads=all,pod=map"
 

@@ -5,7 +5,9 @@ Per layer, the policy's `heads` field splits the KV heads into retrieval heads, 
 `QuantizedStore` (16-bit sink | quantized body | 16-bit buffer; DuoAttention arXiv 2410.10819, KIVI arXiv
 2402.02750, KVQuant arXiv 2401.18079), and streaming heads, which keep sink + recent tokens in a `WindowStore`
 (StreamingLLM arXiv 2309.17453). A model's own sliding-window layers (`layer_types` "sliding_attention") get one
-`SlidingStore` over all their heads. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
+`SlidingStore` over all their heads. With policy `pod=on|map` (PoD arXiv 2412.02252), retrieval heads of a layer group
+from `layers.pod.*` get `SharedStore`s: the group's leader keeps distant tokens' keys once in a `SharedKeys` bank
+(built by `_shared_banks`) that its later layers read. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
 The "kvtool" attention (kvtool/attention.py) reads the stores through the key tensor that `update()` returns (it
 carries its layer) and merges their partial results by log-sum-exp. Batch size 1 or an unpadded batch (a padded one
 is refused).
@@ -28,7 +30,8 @@ from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
-from kvtool.stores import QuantizedStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore, storage_dtype  # noqa: F401,E501
+from kvtool.stores import (QuantizedStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
+                           storage_dtype)
 from kvtool.trace import Dims
 from kvtool.windows import window_allowed  # noqa: F401  (re-exported: the streaming rule)
 

@@ -77,8 +77,8 @@ CASES = {
                                                                  ValueFormat(8, 8, None), block=16),
                            lambda n: _qnbytes(n, 2, 4, 8, 8), bound=0.03),
     # a PoD group's leader alone (its own keys in the group's bank); members need a leader: tests/test_shared_store.py
-    "shared-leader": Case("shared", lambda k: SharedStore(SharedKeys(0, torch.arange(H), 3, torch.float32), True, 3, 7,
-                                                          torch.float32),
+    "shared-leader": Case("shared", lambda k: SharedStore(SharedKeys(0, torch.arange(H), 3, torch.float32), True,
+                                                          3, 7, torch.float32),
                           lambda n: n * 2 * H * D * F32),
 }
 
