@@ -5,7 +5,9 @@ Per layer, the policy's `heads` field splits the KV heads into retrieval heads, 
 `QuantizedStore` (16-bit sink | quantized body | 16-bit buffer; DuoAttention arXiv 2410.10819, KIVI arXiv
 2402.02750, KVQuant arXiv 2401.18079), and streaming heads, which keep sink + recent tokens in a `WindowStore`
 (StreamingLLM arXiv 2309.17453). A model's own sliding-window layers (`layer_types` "sliding_attention") get one
-`SlidingStore` over all their heads. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
+`SlidingStore` over all their heads. With policy `pod=on|map` (PoD arXiv 2412.02252), retrieval heads of a layer group
+from `layers.pod.*` get `SharedStore`s: the group's leader keeps distant tokens' keys once in a `SharedKeys` bank
+(built by `_shared_banks`) that its later layers read. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
 The "kvtool" attention (kvtool/attention.py) reads the stores through the key tensor that `update()` returns (it
 carries its layer) and merges their partial results by log-sum-exp. Batch size 1 or an unpadded batch (a padded one
 is refused).
@@ -29,7 +31,8 @@ from kvtool.policy import Policy
 from kvtool.lowrank_setup import lowrank_formats
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
-from kvtool.stores import QuantizedStore, SlidingStore, Store, WindowStore, storage_dtype  # noqa: F401
+from kvtool.stores import (QuantizedStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
+                           storage_dtype)
 from kvtool.stores.lowrank import LowRankStore
 from kvtool.trace import Dims
 from kvtool.windows import window_allowed  # noqa: F401  (re-exported: the streaming rule)
@@ -168,35 +171,99 @@ class CompressedCache(Cache):
         device = next(model.parameters()).device
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
-        formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
-        self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)
+        self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
+        self.pod_leader, self.pod_maps, self.banks = self._shared_banks(model, profile, dtype)
+        formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
         layers = [self._layer(i, formats[i], dtype) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
         if model.config._attn_implementation != KVTOOL_ATTENTION:
             use_kvtool_attention(model)
 
+    def _shared_banks(self, model, profile, dtype):
+        """The PoD groups of policy `pod` (kvtool/stores/shared.py): (leader [L, H_kv] long, maps [L, H_kv, D, D] or
+        None, banks {leader layer: SharedKeys}); (None, None, {}) with pod=off. A bank holds the leader's keys of the
+        KV heads that are retrieval heads in the leader and in at least one later layer of its group."""
+        if self.policy.pod == "off":
+            return None, None, {}
+        from kvtool.sharing import SECTION
+
+        d = self.dims
+        if profile is None or f"{SECTION}.leader" not in profile or f"{SECTION}.map" not in profile:
+            raise KvtoolError(f"policy pod={self.policy.pod} needs a profile with {SECTION}.* "
+                              "(run kvtool calibrate --method pod)")
+        if self.policy.quantized:
+            raise KvtoolError(f"policy pod={self.policy.pod} does not compose with k or v below 16 bits yet "
+                              "(shared keys and per-layer values are 16-bit): use k=16,v=16")
+        if self.lowrank and any(self.lowrank):
+            raise KvtoolError(f"policy pod={self.policy.pod} does not compose with krank / vrank yet: use one of them")
+        leader, maps = profile[f"{SECTION}.leader"].long(), profile[f"{SECTION}.map"]
+        if tuple(leader.shape) != (d.layers, d.kv_heads) or tuple(maps.shape) != (d.layers, d.kv_heads, d.head_dim,
+                                                                                  d.head_dim):
+            raise KvtoolError(f"{SECTION}.leader/map have shapes {list(leader.shape)}/{list(maps.shape)}, not "
+                              f"[{d.layers}, {d.kv_heads}] / [..., {d.head_dim}, {d.head_dim}] of this model")
+        for l, h in (leader != torch.arange(d.layers).view(-1, 1)).nonzero().tolist():
+            j = int(leader[l, h])
+            if not 0 <= j < l:
+                raise KvtoolError(f"{SECTION}.leader: layer {l} names layer {j} as its leader (not an earlier layer)")
+            inside = [s for s in range(j, l + 1) if self.sliding and self.sliding[s]]
+            if inside:
+                raise KvtoolError(f"{SECTION}: the group of layers {j}-{l} spans sliding-window layer {inside[0]}, "
+                                  "which keeps its own window and cannot share keys")
+        rope = None
+        if self.policy.pod == "map":
+            from kvtool.kvstore import RopeTable
+
+            rope = RopeTable.of(model, d.head_dim)
+            if rope is None:
+                raise KvtoolError("policy pod=map needs a model with a full-width rotary embedding (model.rotary_emb)")
+        banks = {}
+        for j in range(d.layers):
+            later = (leader[j + 1:] == j) & self.retrieval[j + 1:]                     # [L-j-1, H]
+            heads = (self.retrieval[j] & later.any(0)).nonzero().view(-1)
+            if len(heads):
+                banks[j] = SharedKeys(j, heads, self.policy.sink, dtype, rope)
+        return leader, (maps if self.policy.pod == "map" else None), banks
+
     def _layer(self, i: int, fmt, dtype) -> StoreLayer:
         """Layer i's stores: one SlidingStore for a sliding-window layer, else QuantizedStore (retrieval heads; a
-        LowRankStore when the policy sets krank / vrank) and WindowStore (streaming heads)."""
+        LowRankStore when the policy sets krank / vrank) and WindowStore (streaming heads); with policy `pod`,
+        retrieval heads that lead or join a group's shared keys get a SharedStore per leader layer instead."""
         if self.sliding and self.sliding[i]:
             return StoreLayer([HeadGroup(SlidingStore(self.window, dtype), None, None)], sliding=True,
                               backend=self.backend)
-        g = self.dims.group
-        ret, stream = self.retrieval[i].nonzero().view(-1), (~self.retrieval[i]).nonzero().view(-1)
-        every = len(ret) == self.dims.kv_heads or len(stream) == self.dims.kv_heads
-        groups = []
-        if len(ret):
-            latents = getattr(self, "lowrank", None) and self.lowrank[i]
-            if latents:
-                store = LowRankStore.from_policy(self.policy, dtype, key=latents[0], value=latents[1], rope=latents[2])
-            else:
-                store = QuantizedStore.from_policy(self.policy, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
-            groups.append(HeadGroup(store, None if every else ret, None if every else _q_index(ret, g)))
+        g, n = self.dims.group, self.dims.kv_heads
+        ret = self.retrieval[i].clone()
+        parts: list[tuple[Store, torch.Tensor]] = []                          # (store, its KV heads)
+        pol = self.policy
+        if i in self.banks:                                                   # leader of its heads' group
+            bank = self.banks[i]
+            parts.append((SharedStore(bank, True, pol.sink, pol.podrecent, dtype), bank.heads))
+            ret[bank.heads] = False
+        if self.pod_leader is not None:
+            for j in sorted(set(self.pod_leader[i].tolist()) - {i}):
+                if j not in self.banks:
+                    continue
+                bank = self.banks[j]
+                heads = (ret & (self.pod_leader[i] == j) & torch.isin(torch.arange(n), bank.heads)).nonzero().view(-1)
+                if not len(heads):
+                    continue
+                idx = (bank.heads.view(1, -1) == heads.view(-1, 1)).int().argmax(1)   # heads' rows in the bank
+                w = None if self.pod_maps is None else self.pod_maps[i, heads]         # [h, D, D]
+                parts.append((SharedStore(bank, False, pol.sink, pol.podrecent, dtype, idx, w), heads))
+                ret[heads] = False
+        if ret.any():
+            # with pod, fmt is (None, None): the cache refuses pod with k or v < 16, so formats never need slicing
+            latents = self.lowrank[i] if self.lowrank else None                  # pod and krank/vrank: refused
+            store = LowRankStore.from_policy(pol, dtype, key=latents[0], value=latents[1], rope=latents[2]) \
+                if latents else QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
+            parts.append((store, ret.nonzero().view(-1)))
+        stream = (~self.retrieval[i]).nonzero().view(-1)
         if len(stream):
-            groups.append(HeadGroup(WindowStore.from_policy(self.policy, dtype), None if every else stream,
-                                    None if every else _q_index(stream, g)))
-        return StoreLayer(groups, backend=self.backend)
+            parts.append((WindowStore.from_policy(pol, dtype), stream))
+        every = len(parts) == 1
+        return StoreLayer([HeadGroup(s, None if every else h, None if every else _q_index(h, g)) for s, h in parts],
+                          backend=self.backend)
 
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization

@@ -186,7 +186,7 @@ def field_table_markdown() -> str:
     rows = ["| field | values | default | store | meaning |", "|---|---|---|---|---|"]
     for f in fields().values():
         default = f.default[f.name]
-        default = "on" if default is True else "off" if default is False else default
+        default = "on" if default is True else "off" if default is False else "unset" if default is None else default
         rows.append(f"| `{f.name}` | {f.values} | `{default}` | {f.owner} | {f.help} |")
     return "\n".join(rows)
 

@@ -25,7 +25,7 @@ from kvtool import quant
 from kvtool.attention import attend_layer
 from kvtool.cache import HeadGroup, StoreLayer, _q_index
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
-from kvtool.stores import STORES, QuantizedStore, SlidingStore, WindowStore, merge, partial
+from kvtool.stores import STORES, QuantizedStore, SharedKeys, SharedStore, SlidingStore, WindowStore, merge, partial
 from kvtool.lowrank import LowRank
 from kvtool.lowrank_setup import latent
 from kvtool.stores.base import empty_partial
@@ -118,6 +118,10 @@ CASES = {
                                                                  ValueFormat(8, 8, None), block=16),
                            lambda n: _qnbytes(n, 2, 4, 8, 8), bound=0.03),
     "lowrank-r14": Case("lowrank", _lowrank_store, lambda n: _lrnbytes(n, 3, 5, 14, 14), bound=0.6),
+    # a PoD group's leader alone (its own keys in the group's bank); members need a leader: tests/test_shared_store.py
+    "shared-leader": Case("shared", lambda k: SharedStore(SharedKeys(0, torch.arange(H), 3, torch.float32), True,
+                                                          3, 7, torch.float32),
+                          lambda n: n * 2 * H * D * F32),
 }
 
 
@@ -169,7 +173,7 @@ def test_blocked_read_equals_whole_read(name):
     qpos = torch.tensor([T - 1, T + 3, T + 40])                       # queries after everything held
     qq = q[:, :, :3]
     got, lse = store.attend(qq, qpos, 0.25)
-    if isinstance(store, (QuantizedStore, LowRankStore)):
+    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore)):
         kk, vv, kpos = store.read()
     elif isinstance(store, WindowStore):
         kk, vv, kpos = torch.cat([store.sink_k, store.recent_k], 2), torch.cat([store.sink_v, store.recent_v], 2), \

@@ -4,6 +4,7 @@
     quantized  16-bit sink | quantized body | 16-bit buffer (KIVI, KVQuant)   kvtool/stores/quantized.py
     sliding    a model's own sliding-window layer                            kvtool/stores/sliding.py
     lowrank    16-bit sink | PCA latent body | 16-bit buffer (Palu, Eigen)     kvtool/stores/lowrank.py
+    shared     distant keys shared by a PoD layer group (PoD, MiniCache)      kvtool/stores/shared.py
 
 Importing this package registers every store's policy fields (kvtool.policy table), in canonical order: the layer's
 `heads` first, then each store's fields, then the layer's `dtype`.
@@ -18,8 +19,9 @@ from kvtool.stores.window import WindowStore  # noqa: E402
 from kvtool.stores.quantized import QuantizedStore  # noqa: E402
 from kvtool.stores.sliding import SlidingStore  # noqa: E402
 from kvtool.stores.lowrank import LowRankStore  # noqa: E402
+from kvtool.stores.shared import SharedKeys, SharedStore  # noqa: E402
 
 register_field(DTYPE)
 
 __all__ = ["STORES", "Store", "merge", "partial", "register", "storage_dtype", "WindowStore", "QuantizedStore",
-           "SlidingStore", "LowRankStore"]
+           "SlidingStore", "LowRankStore", "SharedKeys", "SharedStore"]
