@@ -76,7 +76,7 @@ def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
     optional mask allowed [t, n] → (out [B, h·G, t, D], lse [B, h·G, t]), both float32. Query heads h·G .. h·G+G-1
     read KV head h (GQA)."""
     b, hq, t, d = q.shape
-    h, n = k.shape[1], k.shape[2]
+    h = k.shape[1]
     g = hq // h
     qf = q.float().reshape(b, h, g * t, d)                                      # [B, h, G·t, D]
     s = torch.matmul(qf, k.float().transpose(-1, -2))                          # [B, h, G·t, n]
@@ -126,3 +126,34 @@ def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     if name == "model":
         return model_dtype
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def attend_sixteen_bit(store, q: torch.Tensor, qpos: torch.Tensor, scaling: float, new, parts: list) -> tuple:
+    """Finish `attend` of a store laid out as 16-bit sink | body | 16-bit buffer (quantized, lowrank): add the partial
+    over its 16-bit sink and buffer (+ `new`, the chunk's own k, v, read exactly) to `parts`, the body's partials, and
+    merge. q [B, h·G, t, D]; the store has sink_k/sink_v, buf_k/buf_v [B, h, ·, D], `first` and `seen` positions."""
+    t = q.shape[2]
+    if new is not None and t == 1 and len(store) and int(qpos[0]) >= store.seen:
+        # a decode step: every held token and the new one are visible; one 16-bit part, no mask
+        k = torch.cat([torch.cat([store.sink_k, store.buf_k], 2).float(), new[0].float()], 2)
+        v = torch.cat([torch.cat([store.sink_v, store.buf_v], 2).float(), new[1].float()], 2)
+        parts.append(partial(q, k, v, scaling))
+        return merge(parts)
+    ks, vs, kpos = [], [], []
+    if len(store):
+        ks.append(torch.cat([store.sink_k, store.buf_k], 2))
+        vs.append(torch.cat([store.sink_v, store.buf_v], 2))
+        n_s, n_b = store.sink_k.shape[2], store.buf_k.shape[2]
+        kpos += [torch.arange(store.first, store.first + n_s, device=q.device),
+                 torch.arange(store.seen - n_b, store.seen, device=q.device)]
+    if new is not None:
+        ks.append(new[0])
+        vs.append(new[1])
+        kpos.append(qpos)
+    if kpos:
+        kpos = torch.cat(kpos)
+        allowed = store.visible(qpos, kpos)
+        k = torch.cat([x.float() for x in ks], 2)
+        v = torch.cat([x.float() for x in vs], 2)
+        parts.append(partial(q, k, v, scaling, None if bool(allowed.all()) else allowed))
+    return merge(parts) if parts else empty_partial(q)

@@ -34,7 +34,7 @@ from kvtool import quant
 from kvtool.kvstore import RopeTable
 from kvtool.lowrank import RankSpec, parse_rank, reconstruct, weighted_values
 from kvtool.policy import Field, register_field
-from kvtool.stores.base import Store, empty_partial, merge, partial, register, tensor_bytes
+from kvtool.stores.base import Store, attend_sixteen_bit, register, tensor_bytes
 from kvtool.stores.quantized import FLUSH, unpack_float
 
 BLOCK = 1024                   # body tokens per block: bounds the float scratch of one read (reconstructed keys)
@@ -217,29 +217,7 @@ class LowRankStore(Store):
                 pw.div_(lsum.clamp_min(1e-30))                                  # normalised weights (0 rows stay 0)
                 out = weighted_values(pw, self.value.decode(blk.v), vmean, self.value.basis)   # [B, h, G·t, D]
                 parts.append((out.reshape(b, hq, t, d), (m + lsum.log()).reshape(b, hq, t)))
-        if new is not None and t == 1 and len(self) and int(qpos[0]) >= self.seen:
-            k = torch.cat([torch.cat([self.sink_k, self.buf_k], 2).float(), new[0].float()], 2)
-            v = torch.cat([torch.cat([self.sink_v, self.buf_v], 2).float(), new[1].float()], 2)
-            parts.append(partial(q, k, v, scaling))
-            return merge(parts)
-        ks, vs, kpos = [], [], []
-        if len(self):
-            ks.append(torch.cat([self.sink_k, self.buf_k], 2))
-            vs.append(torch.cat([self.sink_v, self.buf_v], 2))
-            n_s, n_b = self.sink_k.shape[2], self.buf_k.shape[2]
-            kpos += [torch.arange(self.first, self.first + n_s, device=q.device),
-                     torch.arange(self.seen - n_b, self.seen, device=q.device)]
-        if new is not None:
-            ks.append(new[0])
-            vs.append(new[1])
-            kpos.append(qpos)
-        if kpos:
-            kpos = torch.cat(kpos)
-            allowed = self.visible(qpos, kpos)
-            k = torch.cat([x.float() for x in ks], 2)
-            v = torch.cat([x.float() for x in vs], 2)
-            parts.append(partial(q, k, v, scaling, None if bool(allowed.all()) else allowed))
-        return merge(parts) if parts else empty_partial(q)
+        return attend_sixteen_bit(self, q, qpos, scaling, new, parts)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every held token reconstructed whole: keys (post-RoPE), values float32 [B, h, n, D] and positions [n]

@@ -30,7 +30,7 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import Store, empty_partial, merge, partial, register, tensor_bytes
+from kvtool.stores.base import Store, attend_sixteen_bit, register, tensor_bytes
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -325,30 +325,7 @@ class QuantizedStore(Store):
                 out = self._weighted_values(pw, blk) / lsum.clamp_min(1e-30)
                 lse = (m + lsum.log()).reshape(b, hq, t)
                 parts.append((out.reshape(b, hq, t, d), lse))
-        if new is not None and t == 1 and len(self) and int(qpos[0]) >= self.seen:
-            # a decode step: every held token and the new one are visible; one 16-bit part, no mask
-            k = torch.cat([torch.cat([self.sink_k, self.buf_k], 2).float(), new[0].float()], 2)
-            v = torch.cat([torch.cat([self.sink_v, self.buf_v], 2).float(), new[1].float()], 2)
-            parts.append(partial(q, k, v, scaling))
-            return merge(parts)
-        ks, vs, kpos = [], [], []
-        if len(self):
-            ks.append(torch.cat([self.sink_k, self.buf_k], 2))
-            vs.append(torch.cat([self.sink_v, self.buf_v], 2))
-            n_s, n_b = self.sink_k.shape[2], self.buf_k.shape[2]
-            kpos += [torch.arange(self.first, self.first + n_s, device=q.device),
-                     torch.arange(self.seen - n_b, self.seen, device=q.device)]
-        if new is not None:
-            ks.append(new[0])
-            vs.append(new[1])
-            kpos.append(qpos)
-        if kpos:
-            kpos = torch.cat(kpos)
-            allowed = self.visible(qpos, kpos)
-            k = torch.cat([x.float() for x in ks], 2)
-            v = torch.cat([x.float() for x in vs], 2)
-            parts.append(partial(q, k, v, scaling, None if bool(allowed.all()) else allowed))
-        return merge(parts) if parts else empty_partial(q)
+        return attend_sixteen_bit(self, q, qpos, scaling, new, parts)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every held token dequantized whole: keys, values float32 [B, h, n, D] and positions [n] (for tests and the
