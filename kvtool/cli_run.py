@@ -1,4 +1,4 @@
-"""`kvtool run` and `kvtool bench`: the runtime's commands, registered on the app of kvtool.cli."""
+"""`kvtool run` and `kvtool bench`: the runtime's commands, registered on the shared app of kvtool.cli_base."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from kvtool.cli import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
+from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.errors import KvtoolError
 from kvtool.textsafe import shown
 

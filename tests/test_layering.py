@@ -69,3 +69,12 @@ def test_copy_score_and_retrieval_method_no_longer_share_a_name():
     assert torch.equal(prof["heads.retrieval_score"], prof[sections.COPY_SCORE])
     assert sections.resolve(prof, sections.heads_score("retrieval")) == sections.COPY_SCORE
     assert sections.heads_score("retrieval") == "heads.retrieval.score" != sections.COPY_SCORE
+
+
+def test_the_command_modules_do_not_import_each_other():
+    """kvtool.cli_run and kvtool.cli_base never import kvtool.cli (which registers cli_run's commands once);
+    what both command modules need lives in kvtool.cli_base."""
+    for name in ("kvtool/cli_run.py", "kvtool/cli_base.py"):
+        bad = sorted(m for m in imports(ROOT / name) if m == "kvtool.cli" or m.startswith("kvtool.cli."))
+        assert not bad, f"{name} imports {bad}"
+    assert not any(m.startswith("kvtool.cli_run") for m in imports(ROOT / "kvtool/cli_base.py"))
