@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -46,3 +47,17 @@ def needle_sample(T: int = 120, seed: int = 0, needle_at: int = 40, n: int = 8):
 @pytest.fixture(params=["gqa", "mha", "mqa", "sliding"])
 def any_tiny_model(request):
     return request.param, tiny_model(request.param)
+
+
+def cli_exit_code(*args) -> int:
+    """Run the console entry point in-process with `kvtool *args`; its exit code (read the output with capsys)."""
+    from kvtool.cli import main
+
+    argv, sys.argv = sys.argv, ["kvtool", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code or 0
+    finally:
+        sys.argv = argv
+    return 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvtool.cli import main
+from conftest import cli_exit_code
 from kvtool.models import load_model
 
 FAST = ["--samples", "2", "--seq-len", "96", "--sink", "4", "--recent", "16", "--needles", "1"]
@@ -47,15 +47,7 @@ def tiny_dir(tmp_path_factory, embedded_tokenizer):
 
 def run(capsys, *args):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    argv = sys.argv
-    sys.argv = ["kvtool", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
+    code = cli_exit_code(*args)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 

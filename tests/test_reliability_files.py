@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from conftest import cli_exit_code
 from test_cli import FAST, _save_tiny, run
 
 import kvtool.models as models
@@ -89,16 +90,7 @@ def tiny(tmp_path_factory, tok):
 def good(tmp_path_factory, tiny):
     """A profile of `tiny` with raw statistics (mergeable)."""
     path = tmp_path_factory.mktemp("good") / "good.kv.st"
-    code = 0
-    argv = sys.argv
-    sys.argv = ["kvtool", "profile", str(tiny), *FAST, "-o", str(path)]
-    try:
-        from kvtool.cli import main
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
+    code = cli_exit_code("profile", tiny, *FAST, "-o", path)
     assert code == 0 and path.is_file()
     return path
 

@@ -8,7 +8,6 @@ model). The table of these cases is docs/reliability.md (section "Options, polic
 
 from __future__ import annotations
 
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_exit_code
 from kvtool.errors import KvtoolError
 
 MODEL = "model"              # the tiny model's directory, relative to the working directory of every CLI case
@@ -40,17 +40,7 @@ def _tokenizer():
 
 def _run(*args) -> int:
     """The console entry point in-process; its exit code (read the output with capsys)."""
-    from kvtool.cli import main
-
-    argv, sys.argv = sys.argv, ["kvtool", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    return code
+    return cli_exit_code(*args)
 
 
 def _snapshot(root: Path) -> dict:
