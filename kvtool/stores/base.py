@@ -157,3 +157,35 @@ def attend_sixteen_bit(store, q: torch.Tensor, qpos: torch.Tensor, scaling: floa
         v = torch.cat([x.float() for x in vs], 2)
         parts.append(partial(q, k, v, scaling, None if bool(allowed.all()) else allowed))
     return merge(parts) if parts else empty_partial(q)
+
+
+def append_sixteen_bit(store, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, to_body,
+                       flushes: bool = True) -> None:
+    """`append` of a store laid out as 16-bit sink | body | 16-bit buffer (quantized, lowrank): new tokens k, v
+    [B, h, t, D] at consecutive positions pos [t] fill the sink, then the buffer; once the buffer holds `flush` tokens
+    beyond `n_buffer` (and `flushes`), its oldest tokens go to the body through `to_body(xk, xv, start)`, block by
+    block (the open block first), so no block outgrows `store.block`."""
+    if store.sink_k is None:
+        b, h, _, d = k.shape
+        store.sink_k = k.new_zeros(b, h, 0, d, dtype=store.dtype)
+        store.sink_v, store.buf_k, store.buf_v = store.sink_k, store.sink_k, store.sink_k
+        store.first = int(pos[0])
+    take = max(0, min(k.shape[2], store.n_sink - store.sink_k.shape[2]))         # tokens that are still sink tokens
+    if take:
+        store.sink_k = torch.cat([store.sink_k, k[:, :, :take].to(store.dtype)], 2)
+        store.sink_v = torch.cat([store.sink_v, v[:, :, :take].to(store.dtype)], 2)
+    store.buf_k = torch.cat([store.buf_k, k[:, :, take:].to(store.dtype)], 2)
+    store.buf_v = torch.cat([store.buf_v, v[:, :, take:].to(store.dtype)], 2)
+    store.seen = int(pos[-1]) + 1
+    if flushes and store.buf_k.shape[2] >= store.n_buffer + store.flush:
+        cut = store.buf_k.shape[2] - store.n_buffer
+        start = store.first + store.sink_k.shape[2] + store.n_body
+        done = 0
+        while done < cut:                                                  # fill the open block, then new ones
+            last = store.blocks[-1] if store.blocks else None
+            room = store.block - last.n if last is not None and last.n < store.block else store.block
+            n = min(room, cut - done)
+            to_body(store.buf_k[:, :, done:done + n], store.buf_v[:, :, done:done + n], start + done)
+            done += n
+        store.buf_k = store.buf_k[:, :, cut:].clone()
+        store.buf_v = store.buf_v[:, :, cut:].clone()

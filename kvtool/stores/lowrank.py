@@ -34,7 +34,7 @@ from kvtool import quant
 from kvtool.kvstore import RopeTable
 from kvtool.lowrank import RankSpec, parse_rank, reconstruct, weighted_values
 from kvtool.policy import Field, register_field
-from kvtool.stores.base import Store, attend_sixteen_bit, register, tensor_bytes
+from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, tensor_bytes
 from kvtool.stores.quantized import FLUSH, unpack_float
 
 BLOCK = 1024                   # body tokens per block: bounds the float scratch of one read (reconstructed keys)
@@ -147,30 +147,8 @@ class LowRankStore(Store):
     def append(self, k, v, pos):
         """k, v [B, h, t, D] at positions pos [t] (consecutive, continuing what was appended)."""
         if self.sink_k is None:
-            b, h, _, d = k.shape
             self.key, self.value = self.key.to(k.device), self.value.to(k.device)
-            self.sink_k = k.new_zeros(b, h, 0, d, dtype=self.dtype)
-            self.sink_v, self.buf_k, self.buf_v = self.sink_k, self.sink_k, self.sink_k
-            self.first = int(pos[0])
-        t = k.shape[2]
-        take = max(0, min(t, self.n_sink - self.sink_k.shape[2]))
-        if take:
-            self.sink_k = torch.cat([self.sink_k, k[:, :, :take].to(self.dtype)], 2)
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :take].to(self.dtype)], 2)
-        self.buf_k = torch.cat([self.buf_k, k[:, :, take:].to(self.dtype)], 2)
-        self.buf_v = torch.cat([self.buf_v, v[:, :, take:].to(self.dtype)], 2)
-        self.seen = int(pos[-1]) + 1
-        if self.buf_k.shape[2] >= self.n_buffer + self.flush:
-            cut = self.buf_k.shape[2] - self.n_buffer
-            start = self.first + self.sink_k.shape[2] + self.n_body
-            done = 0
-            while done < cut:
-                room = self.block - self.blocks[-1].n if self.blocks and self.blocks[-1].n < self.block else self.block
-                n = min(room, cut - done)
-                self._project(self.buf_k[:, :, done:done + n], self.buf_v[:, :, done:done + n], start + done)
-                done += n
-            self.buf_k = self.buf_k[:, :, cut:].clone()
-            self.buf_v = self.buf_v[:, :, cut:].clone()
+        append_sixteen_bit(self, k, v, pos, self._project)
 
     def _project(self, xk: torch.Tensor, xv: torch.Tensor, start: int) -> None:
         """Append xk (post-RoPE), xv [B, h, n, D] at positions start..start+n-1 to the body as latents."""

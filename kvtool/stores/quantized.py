@@ -30,7 +30,7 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import Store, attend_sixteen_bit, register, tensor_bytes
+from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, tensor_bytes
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -184,33 +184,11 @@ class QuantizedStore(Store):
     def append(self, k, v, pos):
         """k, v [B, h, t, D] at positions pos [t] (consecutive, continuing what was appended)."""
         if self.sink_k is None:
-            b, h, _, d = k.shape
             if self.key is not None:
                 self.key.quantizer = self.key.quantizer.to(k.device)
             if self.value is not None and self.value.levels is not None:
                 self.value.levels = self.value.levels.to(k.device)
-            self.sink_k = k.new_zeros(b, h, 0, d, dtype=self.dtype)
-            self.sink_v, self.buf_k, self.buf_v = self.sink_k, self.sink_k, self.sink_k
-            self.first = int(pos[0])
-        t = k.shape[2]
-        take = max(0, min(t, self.n_sink - self.sink_k.shape[2]))         # tokens that are still sink tokens
-        if take:
-            self.sink_k = torch.cat([self.sink_k, k[:, :, :take].to(self.dtype)], 2)
-            self.sink_v = torch.cat([self.sink_v, v[:, :, :take].to(self.dtype)], 2)
-        self.buf_k = torch.cat([self.buf_k, k[:, :, take:].to(self.dtype)], 2)
-        self.buf_v = torch.cat([self.buf_v, v[:, :, take:].to(self.dtype)], 2)
-        self.seen = int(pos[-1]) + 1
-        if self.quantizes and self.buf_k.shape[2] >= self.n_buffer + self.flush:
-            cut = self.buf_k.shape[2] - self.n_buffer
-            start = self.first + self.sink_k.shape[2] + self.n_body
-            done = 0
-            while done < cut:                                              # fill the open block, then new ones
-                room = self.block - self.blocks[-1].n if self.blocks and self.blocks[-1].n < self.block else self.block
-                n = min(room, cut - done)
-                self._quantize(self.buf_k[:, :, done:done + n], self.buf_v[:, :, done:done + n], start + done)
-                done += n
-            self.buf_k = self.buf_k[:, :, cut:].clone()
-            self.buf_v = self.buf_v[:, :, cut:].clone()
+        append_sixteen_bit(self, k, v, pos, self._quantize, self.quantizes)
 
     def _quantize(self, xk: torch.Tensor, xv: torch.Tensor, start: int) -> None:
         """Append xk, xv [B, h, n, D] (positions start..start+n-1) to the body's last block (or a new one)."""
