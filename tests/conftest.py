@@ -33,6 +33,22 @@ def tiny_model(kind: str = "gqa", seed: int = 0, layers: int = 3):
     return model.eval()
 
 
+def identical_keys_model(seed: int = 0, layers: int = 3, same_queries: bool = False):
+    """A tiny GQA model whose layers 0 and 1 have identical keys: layer 0 adds nothing to the residual stream (o_proj
+    and the MLP's down_proj are 0) and layer 1 copies its input norm and k_proj (and q_proj with `same_queries`, so
+    the attention rows match too); values differ, and layer 1's output matters."""
+    model = tiny_model("gqa", seed=seed, layers=layers)
+    a, b = model.model.layers[0], model.model.layers[1]
+    with torch.no_grad():
+        a.self_attn.o_proj.weight.zero_()
+        a.mlp.down_proj.weight.zero_()
+        b.input_layernorm.weight.copy_(a.input_layernorm.weight)
+        b.self_attn.k_proj.weight.copy_(a.self_attn.k_proj.weight)
+        if same_queries:
+            b.self_attn.q_proj.weight.copy_(a.self_attn.q_proj.weight)
+    return model
+
+
 def needle_sample(T: int = 120, seed: int = 0, needle_at: int = 40, n: int = 8):
     """Random tokens with a planted copy: tokens [needle_at, needle_at+n) repeated at the end."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from calibrate.pod import PoD
-from conftest import VOCAB, needle_sample, tiny_model
+from conftest import VOCAB, identical_keys_model, needle_sample, tiny_model
 from kvtool.api import calibrate, profile_model
 from kvtool.errors import KvtoolError
 from kvtool.profile import Profile
@@ -177,21 +177,8 @@ def test_map_error_on_other_data():
     assert map_error(w, x.T @ x, x.T @ y, y.T @ y).item() == pytest.approx(direct.item(), rel=1e-6)
 
 
-def _identical_layers(layers: int = 3):
-    """Layer 0 adds nothing to the residual stream, and layer 1 copies its norm, q and k: same keys, same rows."""
-    model = tiny_model("gqa", layers=layers)
-    a, b = model.model.layers[0], model.model.layers[1]
-    with torch.no_grad():
-        a.self_attn.o_proj.weight.zero_()
-        a.mlp.down_proj.weight.zero_()
-        b.input_layernorm.weight.copy_(a.input_layernorm.weight)
-        b.self_attn.k_proj.weight.copy_(a.self_attn.k_proj.weight)
-        b.self_attn.q_proj.weight.copy_(a.self_attn.q_proj.weight)
-    return model
-
-
 def test_identical_layers_group_together_with_identity_maps(text_file):
-    model = _identical_layers()
+    model = identical_keys_model(same_queries=True)
     samples = [needle_sample(T=128, seed=i) for i in range(2)]
     prof = profile_model(model, samples, config=TraceConfig(sink=4, recent=16, query_samples=8))
     assert prof["layers.similarity"][0].min() > 0.999                     # layers 0 and 1 attend alike

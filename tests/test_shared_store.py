@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, identical_keys_model, tiny_model
 from kvtool.cache import CompressedCache, prefill, with_cache
 from kvtool.errors import KvtoolError
 from kvtool.profile import Profile, model_meta
@@ -112,20 +112,6 @@ def test_nbytes_counts_shared_keys_once_and_the_maps():
 
 # ---- the cache: a tiny model whose layer 1 has layer 0's keys -------------------------------------------------------
 
-def _identical_key_model():
-    """Layers 0 and 1 see the same input (layer 0 adds nothing to the residual: o_proj and the MLP's down_proj are 0)
-    and layer 1 copies layer 0's input norm and k_proj, so their keys are identical; their values and queries differ,
-    and layer 1's output matters."""
-    model = tiny_model("gqa", seed=3)
-    a, b = model.model.layers[0], model.model.layers[1]
-    with torch.no_grad():
-        a.self_attn.o_proj.weight.zero_()
-        a.mlp.down_proj.weight.zero_()
-        b.input_layernorm.weight.copy_(a.input_layernorm.weight)
-        b.self_attn.k_proj.weight.copy_(a.self_attn.k_proj.weight)
-    return model
-
-
 def _pod_profile(model, leader, maps=None):
     cfg = model.config
     layers, heads, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -148,7 +134,7 @@ def _greedy(model, cache, ids, steps=6, chunk=16):
 
 @pytest.mark.parametrize("mode", ["on", "map"])
 def test_shared_cache_reproduces_the_full_cache_with_identical_layers(mode):
-    model = _identical_key_model()
+    model = identical_keys_model(seed=3)
     prof = _pod_profile(model, [0, 0, 2])
     ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(0))
     full = CompressedCache(model, None, "heads=all")
@@ -178,7 +164,7 @@ def test_shared_cache_differs_when_layers_differ():
 def test_streaming_heads_keep_their_window_in_a_shared_layer():
     """heads split + pod: streaming heads keep their WindowStore; a member's retrieval head shares the leader's keys
     only where it is a retrieval head in the leader too; the bank holds only the heads a member reads."""
-    model = _identical_key_model()
+    model = identical_keys_model(seed=3)
     prof = _pod_profile(model, [0, 0, 2])
     policy = "heads=random:0.5:4"                                       # retrieval [[1, 1], [0, 1], [0, 0]]
     cache = CompressedCache(model, prof, policy + ",pod=on,sink=2,podrecent=5")
