@@ -82,19 +82,7 @@ def profile_tensors(path: str | os.PathLike) -> set[str]:
 
 def profile_file(path: str | os.PathLike) -> Path:
     """Refuse a --profile that is missing, not a file, or not a kvtool profile, from its header alone."""
-    from safetensors import safe_open
+    from kvtool.profile import read_file
 
-    path = Path(path)
-    if not path.exists():
-        raise KvtoolError(f"profile {path} does not exist")
-    if not path.is_file():
-        raise KvtoolError(f"profile {path} is not a file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None
-    if "kvtool.format_version" not in meta:
-        raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
-    return path
+    read_file(Path(path))
+    return Path(path)

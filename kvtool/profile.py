@@ -276,23 +276,9 @@ class Profile:
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> "Profile":
         """Read and validate a profile; with `model`, also refuse a profile made for another model."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise KvtoolError(f"profile {path} does not exist" if not path.exists() else f"profile {path} is not a file")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                # copies: safetensors maps the file, and a tensor that still pointed into it would change under a
-                # running program whenever the file is rewritten in place (cp, an editor)
-                tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}
-        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-            reason = first_line(exc)
-            raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): {reason}") from None
-        version = meta.get("kvtool.format_version")
-        if version is None or not isinstance(version, str):
-            raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
+        meta, tensors = read_file(path, tensors=True)
+        version = meta["kvtool.format_version"]
         if version.split(".")[0] != FORMAT_VERSION:
             raise KvtoolError(f"{path}: format version {version} is not supported by this kvtool (supports {FORMAT_VERSION})")
         parsed = {}
@@ -312,6 +298,28 @@ class Profile:
         if model is not None:
             profile.check_model(model)
         return profile
+
+
+def read_file(path: Path, tensors: bool = False) -> tuple[dict, dict]:
+    """The metadata (and, with `tensors`, copies of the tensors) of a kvtool profile file; one-line errors for a
+    missing path, a directory, a file safetensors cannot read, or a safetensors file that is no kvtool profile.
+    Without `tensors` only the header is read (cheap: `kvtool.checks.profile_file` runs it before a model loads)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise KvtoolError(f"profile {path} does not exist" if not path.exists() else f"profile {path} is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            # copies: safetensors maps the file, and a tensor that still pointed into it would change under a
+            # running program whenever the file is rewritten in place (cp, an editor)
+            held = {k: fh.get_tensor(k).clone() for k in fh.keys()} if tensors else {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise KvtoolError(f"{path} is not a readable safetensors profile (truncated or corrupted?): "
+                          f"{first_line(exc)}") from None
+    if not isinstance(meta.get("kvtool.format_version"), str):
+        raise KvtoolError(f"{path} is not a kvtool profile (no kvtool.format_version)")
+    return meta, held
 
 
 def _alias(tensors: dict, name: str) -> str | None:
