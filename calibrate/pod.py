@@ -3,7 +3,7 @@ with Inter-Layer Attention Similarity", arXiv 2412.02252; related: MiniCache, Li
 
 PoD keeps proximal tokens (sink + recent) per layer and, within a group of consecutive layers whose attention is
 similar, stores distant tokens' keys once (the group's first layer's) — values stay per layer; the two partial
-softmaxes merge by log-sum-exp (kvtool.sharing.lse_merge). Groups come greedily from the profile's traced
+softmaxes merge by log-sum-exp (kvtool.stores.base.merge). Groups come greedily from the profile's traced
 `layers.similarity` [L-1, H] (1 − JS/ln 2 between adjacent layers' attention rows of the last `window` queries of each
 calibration sample, in [0, 1]): layer l joins layer l−1's group while the similarity is ≥ `threshold` (default 0.5,
 PoD's value) and the group has fewer than `max_group` layers. Per layer (`per="layer"`, default) a layer's similarity

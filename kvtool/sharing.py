@@ -7,13 +7,11 @@
   sliding-window layers) always stand alone. `parse_groups` reads explicit groups such as "3-8,23-28".
 * `fit_maps` / `map_error`: the training-free step beyond PoD: per layer and KV head a least-squares map W [D, D] with
   leader_keys @ W ≈ own_keys, from accumulated moments (XᵀX, XᵀY, YᵀY), with a ridge term, and its relative error.
-* `lse_merge`: combine partial attention results (each normalised over its own keys) by log-sum-exp; used to join
-  the per-layer proximal part (sink + recent) and the shared distant part, or any split of the keys.
+The per-layer proximal part (sink + recent) and the shared distant part join by the runtime's log-sum-exp merge
+(`kvtool.stores.base.merge`), like any split of the keys.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -129,33 +127,3 @@ def map_error(w: torch.Tensor, xtx: torch.Tensor, xty: torch.Tensor, yty: torch.
     tr = lambda m: m.diagonal(dim1=-2, dim2=-1).sum(-1)                         # noqa: E731
     err = tr(yty) - 2 * tr(w.transpose(-1, -2) @ xty) + tr(w.transpose(-1, -2) @ xtx @ w)
     return (err / tr(yty).clamp_min(1e-30)).clamp_min(0).float()
-
-
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None = None,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the given keys only, with its log-sum-exp: q [..., t, D], k, v [..., S, D], mask
-    [..., t, S] bool (True = attend) → (out [..., t, D], lse [..., t]). A row with no key gets out 0, lse −inf."""
-    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (q @ k.transpose(-1, -2)) * scaling                               # [..., t, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf)
-    lse = torch.logsumexp(scores, -1)                                          # [..., t]
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(scores - safe.unsqueeze(-1))                                 # exp(−inf) = 0 where masked
-    return p @ v, lse
-
-
-def lse_merge(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge partial attention results: out = Σ_i exp(lse_i − lse) · out_i, lse = logsumexp_i(lse_i).
-
-    outs: sequence of [..., t, D]; lses: sequence of [..., t]. A part with no keys (lse −inf) weighs 0; when every
-    part is empty the result is out 0, lse −inf."""
-    outs, lses = list(outs), list(lses)
-    if not outs or len(outs) != len(lses):
-        raise ValueError("lse_merge needs as many partial outputs as log-sum-exps (at least one)")
-    stacked = torch.stack(lses)                                                # [P, ..., t]
-    lse = torch.logsumexp(stacked, 0)                                          # −inf when all parts are −inf
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    weights = torch.exp(stacked - safe)                                        # exp(−inf − x) = 0 for empty parts
-    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, o in zip(weights, outs))
-    return out, lse
