@@ -4,7 +4,8 @@ policy (kvtool.policy).
 Per layer, the policy's `heads` field splits the KV heads into retrieval heads, which keep every token in a
 `QuantizedStore` (16-bit sink | quantized body | 16-bit buffer; DuoAttention arXiv 2410.10819, KIVI arXiv
 2402.02750, KVQuant arXiv 2401.18079), and streaming heads, which keep sink + recent tokens in a `WindowStore`
-(StreamingLLM arXiv 2309.17453). A model's own sliding-window layers (`layer_types` "sliding_attention") get one
+(StreamingLLM arXiv 2309.17453), or a `QuantizedWindowStore` when the policy quantizes the window (`wk`/`wv`). A
+model's own sliding-window layers (`layer_types` "sliding_attention") get one
 `SlidingStore` over all their heads. With policy `pod=on|map` (PoD arXiv 2412.02252), retrieval heads of a layer group
 from `layers.pod.*` get `SharedStore`s: the group's leader keeps distant tokens' keys once in a `SharedKeys` bank
 (built by `_shared_banks`) that its later layers read. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
@@ -31,7 +32,7 @@ from kvtool.policy import Policy
 from kvtool.lowrank_setup import lowrank_formats
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
-from kvtool.stores import (QuantizedStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
+from kvtool.stores import (QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
                            storage_dtype)
 from kvtool.stores.lowrank import LowRankStore
 from kvtool.trace import Dims
@@ -175,6 +176,10 @@ class CompressedCache(Cache):
         self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
         self.pod_leader, self.pod_maps, self.banks = self._shared_banks(model, profile, dtype)
         formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
+        self.wformats = None                                               # streaming heads' window formats
+        if self.policy.wk < 16 or self.policy.wv < 16:
+            self.wformats = quant_formats(model, profile, self.policy.replace(k=self.policy.wk, v=self.policy.wv),
+                                          self.dims, ~self.retrieval)
         layers = [self._layer(i, formats[i], dtype) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
         if model.config._attn_implementation != KVTOOL_ATTENTION:
@@ -260,7 +265,12 @@ class CompressedCache(Cache):
             parts.append((store, ret.nonzero().view(-1)))
         stream = (~self.retrieval[i]).nonzero().view(-1)
         if len(stream):
-            parts.append((WindowStore.from_policy(pol, dtype), stream))
+            if self.wformats is None:
+                parts.append((WindowStore.from_policy(pol, dtype), stream))
+            else:
+                wf = self.wformats[i]
+                parts.append((QuantizedWindowStore.from_policy(pol, dtype, key=wf[0], value=wf[1],
+                                                               backend=self.backend), stream))
         every = len(parts) == 1
         return StoreLayer([HeadGroup(s, None if every else h, None if every else _q_index(h, g)) for s, h in parts],
                           backend=self.backend)

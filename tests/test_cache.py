@@ -13,7 +13,7 @@ from kvtool.api import profile_model
 from kvtool.cache import CompressedCache, prefill, use_kvtool_attention, with_cache
 from kvtool.errors import KvtoolError
 from kvtool.policy import Policy
-from kvtool.stores import QuantizedStore, SlidingStore, WindowStore
+from kvtool.stores import QuantizedStore, QuantizedWindowStore, SlidingStore, WindowStore
 from kvtool.trace import Dims, TraceConfig
 
 
@@ -198,3 +198,34 @@ def test_cupy_decode_dispatch_plumbing_on_cpu(monkeypatch):
     model.set_attn_implementation("sdpa")
     assert {"decode_attention", "window_attention"} <= set(calls)
     assert torch.equal(outs["torch"], outs["cupy"])
+
+
+def test_quantized_window_keeps_the_window_in_fewer_bytes():
+    """wk/wv: streaming heads keep sink + recent with the window's older tokens quantized (8 bits here): logits stay
+    close to the 16-bit window's, tokens past the window are freed (at most 31 wait for the next cut), bytes drop."""
+    model = tiny_model("gqa")
+    prof = profile_model(model, [needle_sample(T=96, seed=s) for s in range(2)],
+                         config=TraceConfig(sink=4, recent=16, query_samples=8))
+    ids = needle_sample(T=210, seed=3).input_ids.view(1, -1)
+    base = "heads=random:0.5:1,sink=4,recent=96,buffer=8,dtype=fp32"
+    outs, caches = {}, {}
+    for name, policy in (("plain", base), ("q8", base + ",wk=8,wv=8,krope=pre")):
+        use_kvtool_attention(model)
+        cache = CompressedCache(model, prof, policy)
+        with torch.no_grad():
+            outs[name] = torch.cat([model(ids[:, s:s + 30], **with_cache(model, cache), use_cache=True).logits[0]
+                                    for s in range(0, 210, 30)])
+        caches[name] = cache
+    model.set_attn_implementation("sdpa")
+    diff = (outs["q8"] - outs["plain"]).abs().max()
+    assert 0 < diff < 0.05 * outs["plain"].abs().max()
+    windows = [s for layer in caches["q8"].layers for s in layer.stores if isinstance(s, QuantizedWindowStore)]
+    assert windows and all(4 + 95 <= len(s) <= 4 + 96 + 31 and s.n_body > len(s) for s in windows)
+    assert caches["q8"].nbytes() < caches["plain"].nbytes()
+
+
+def test_quantized_window_refuses_a_window_shorter_than_its_buffer():
+    model = tiny_model("gqa")
+    prof = profile_model(model, [needle_sample(T=64)], config=TraceConfig(sink=4, recent=16, query_samples=8))
+    with pytest.raises(KvtoolError, match="recent=16 is shorter than buffer=8"):
+        CompressedCache(model, prof, "heads=none,sink=4,recent=16,buffer=8,wk=4")

@@ -25,7 +25,7 @@ from kvtool import quant
 from kvtool.attention import attend_layer
 from kvtool.cache import HeadGroup, StoreLayer, _q_index
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
-from kvtool.stores import STORES, QuantizedStore, SharedKeys, SharedStore, SlidingStore, WindowStore, merge, partial
+from kvtool.stores import STORES, QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore, WindowStore, merge, partial
 from kvtool.lowrank import LowRank
 from kvtool.lowrank_setup import latent
 from kvtool.stores.base import empty_partial
@@ -104,6 +104,26 @@ def _qnbytes(n, sink, buffer, kb, vb, group=8):
     return dense + codes + scales + consts
 
 
+def _qwnbytes(chunks, sink, recent, buffer, flush, kb, vb, group=8):
+    """Bytes of a float32 QuantizedWindowStore after `chunks`, re-derived from its rules: per chunk the buffer
+    flushes down to `buffer` tokens once it holds `buffer + flush`; then the body tokens older than the next
+    query's window (position < seen - recent + 1) are cut once at least `flush` of them are out."""
+    seen = held_sink = buf = body = body_start = 0
+    nxt = sink                                                           # position of the next token to enter the body
+    for n in chunks:
+        take = min(n, sink - held_sink)
+        held_sink, buf, seen = held_sink + take, buf + n - take, seen + n
+        if buf >= buffer + flush:
+            if body == 0:
+                body_start = nxt
+            body, nxt, buf = body + buf - buffer, nxt + buf - buffer, buffer
+        out = min(body, max(0, seen - recent + 1 - body_start))
+        if out >= flush:
+            body, body_start = body - out, body_start + out
+    dense = (held_sink + buf) * 2 * H * D * F32
+    return dense + body * H * D * (kb + vb) // 8 + 2 * body * H * (D // group) * 2 + (2 * H * D + 2 ** kb) * 4
+
+
 CASES = {
     "window": Case("window", lambda k: WindowStore(sink=3, recent=7, dtype=torch.float32),
                    lambda n: (min(n, 3) + min(max(0, n - 3), 7)) * 2 * H * D * F32),
@@ -117,6 +137,10 @@ CASES = {
     "quantized-8bit": Case("quantized", lambda k: QuantizedStore(8, 8, 2, 4, torch.float32, _key_format(k, 8),
                                                                  ValueFormat(8, 8, None), block=16),
                            lambda n: _qnbytes(n, 2, 4, 8, 8), bound=0.03),
+    # a streaming head's window with its older tokens in 4 bits, cut as they leave the window (_nbytes after [20, 25])
+    "qwindow-4bit": Case("qwindow", lambda k: QuantizedWindowStore(4, 4, 3, 12, 4, torch.float32, _key_format(k, 4),
+                                                                   ValueFormat(4, 8, None), block=8, flush=4),
+                         lambda n: _qwnbytes([20, n - 20], 3, 12, 4, 4, 4, 4), bound=0.35),
     # rank 14 of 16 on random keys drops real energy: a sanity bound, loose enough for either head's data (under
     # 0.6 on head 1, 0.61 on head 0); the exact check (error = discarded eigenvalue mass) is in tests/test_lowrank_store.py
     "lowrank-r14": Case("lowrank", _lowrank_store, lambda n: _lrnbytes(n, 3, 5, 14, 14), bound=0.7),

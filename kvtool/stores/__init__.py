@@ -5,6 +5,7 @@
     sliding    a model's own sliding-window layer                            kvtool/stores/sliding.py
     lowrank    16-bit sink | PCA latent body | 16-bit buffer (Palu, Eigen)     kvtool/stores/lowrank.py
     shared     distant keys shared by a PoD layer group (PoD, MiniCache)      kvtool/stores/shared.py
+    qwindow    sink + recent window with its older tokens quantized          kvtool/stores/qwindow.py
 
 Importing this package registers every store's policy fields (kvtool.policy table), in canonical order: the layer's
 `heads` first, then each store's fields, then the layer's `dtype`.
@@ -20,8 +21,9 @@ from kvtool.stores.quantized import QuantizedStore  # noqa: E402
 from kvtool.stores.sliding import SlidingStore  # noqa: E402
 from kvtool.stores.lowrank import LowRankStore  # noqa: E402
 from kvtool.stores.shared import SharedKeys, SharedStore  # noqa: E402
+from kvtool.stores.qwindow import QuantizedWindowStore  # noqa: E402
 
 register_field(DTYPE)
 
 __all__ = ["STORES", "Store", "merge", "partial", "register", "storage_dtype", "WindowStore", "QuantizedStore",
-           "SlidingStore", "LowRankStore", "SharedKeys", "SharedStore"]
+           "SlidingStore", "LowRankStore", "SharedKeys", "SharedStore", "QuantizedWindowStore"]

@@ -247,6 +247,10 @@ class QuantizedStore(Store):
             x = self.key.rope.rotate_rows(x, blk.start)
         return x
 
+    def _masks(self, blk: Block, qpos: torch.Tensor, qmin: int) -> bool:
+        """Whether some query at qpos may not see some key of `blk` (causal: a key after the first query)."""
+        return blk.start + blk.n - 1 > qmin
+
     def _key_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """lo and span / (2^b − 1), each [h, 1, D], from the key ranges (per read, not held)."""
         q = self.key.quantizer
@@ -294,7 +298,7 @@ class QuantizedStore(Store):
             for blk in self.blocks:
                 # q·kᵀ with the block transposed (BLAS reads it as is; [n, D]·[D, G·t] is ~4x slower on CPU)
                 sc = torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2))      # [B, h, G·t, n]
-                if blk.start + blk.n - 1 > qmin:                           # some key lies after some query
+                if self._masks(blk, qpos, qmin):                           # some key hidden from some query
                     kpos = torch.arange(blk.start, blk.start + blk.n, device=q.device)
                     sc.masked_fill_(~self.visible(qpos, kpos).repeat(g, 1), float("-inf"))
                 m = sc.amax(-1, keepdim=True).clamp_min(-1e30)             # [B, h, G·t, 1]
