@@ -89,8 +89,14 @@ def _defined_in(obj, module: str) -> bool:
     return where == module or where.startswith(module + ".") or where == "_" + module.rsplit(".", 1)[-1]
 
 
-def _documented(obj) -> bool:
-    return inspect.isclass(obj) or inspect.isroutine(obj) or isinstance(obj, (property, classmethod, staticmethod))
+def _member_of(cls: type, value) -> bool:
+    """A method / property written in `cls`'s own body (its qualified name says so), not one another package set on
+    the class at run time (transformers adds `warning_once` to logging.Logger) and not a nested class."""
+    func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+    if not (inspect.isroutine(func) or isinstance(value, property)):
+        return False
+    qualname = getattr(func, "__qualname__", None)
+    return isinstance(qualname, str) and qualname.startswith(cls.__qualname__ + ".")
 
 
 def _module_docstrings(module: str) -> Iterator[str]:
@@ -107,7 +113,7 @@ def _module_docstrings(module: str) -> Iterator[str]:
         if inspect.isclass(obj):
             members = vars(obj)
             for attr in sorted(members):
-                if not attr.startswith("_") and _documented(members[attr]):
+                if not attr.startswith("_") and _member_of(obj, members[attr]):
                     yield inspect.getdoc(members[attr]) or ""
 
 

@@ -34,6 +34,7 @@ class TaskResult:
     correct: int | None = None                # passkey
     nll: float | None = None                  # nll: mean over every continuation token of every sample
     hits: list[bool] = field(default_factory=list)
+    text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
 
     @property
     def ratio(self) -> float:
@@ -46,6 +47,8 @@ class TaskResult:
             out["accuracy"] = f"{self.correct}/{self.samples}"
         else:
             out["nll"] = round(self.nll, 4)
+        if self.text is not None:
+            out["text"] = self.text
         out.update({"kv_MiB": round(self.kv_bytes / 2**20, 3), "x_smaller_than_16bit": round(self.ratio, 2),
                     "prefill_tok_s": round(self.prefill_tokens_per_s, 1),
                     "decode_tok_s": round(self.decode_tokens_per_s, 2), "seconds": round(self.seconds, 1)})
