@@ -228,7 +228,6 @@ def run(
                               else f"prompt file {prompt_file} has no text")
         checks.whole("--max-new-tokens", max_new_tokens)
     lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, 16)
-    source = _check_text(task, text_source, samples, context, continuation)
     if policy is not None:
         _check_policy(policy, "--policy")                               # malformed: fail before loading anything
     if profile is not None:
@@ -236,6 +235,7 @@ def run(
     _as_dtype(dtype)
     _check_backend(backend, device)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, 16)
+    source = _check_text(task, text_source, samples, context, continuation)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
@@ -407,7 +407,6 @@ def bench(
     if task not in ("passkey", "nll"):
         raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
     lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, decode_steps)
-    source = _check_text(task, text_source, samples, context, continuation)
     if threads is not None:
         checks.whole("--threads", threads, 1, checks.MAX_THREADS)
     pols = _spec_list(policies, DEFAULT_BENCH_POLICIES, "--policies")
@@ -431,6 +430,7 @@ def bench(
     _as_dtype(dtype)
     _check_backend(backend, device)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, decode_steps)
+    source = _check_text(task, text_source, samples, context, continuation)
     if skip_quanto:    # a note, not an error: only once every option is known to be good
         err.print(shown("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); "
                         "skipping the quanto baselines"), soft_wrap=True)

@@ -146,8 +146,8 @@ def text_sources_help(passkey: bool = True) -> str:
 
 
 @lru_cache(maxsize=8)
-def _file_text(path: str, mtime_ns: int, size: int) -> str:
-    return _read_text(Path(path), "\n\n")            # keyed by mtime and size: an edited file is read again
+def _file_text(path: str, resolved: str, mtime_ns: int, size: int) -> str:
+    return _read_text(Path(path), "\n\n")    # keyed by where it is, mtime and size: an edited file is read again
 
 
 def source_text(source: str) -> str:
@@ -162,7 +162,7 @@ def source_text(source: str) -> str:
         st = path.stat()
     except OSError as e:
         raise KvtoolError(f"cannot read text file {path}: {e.strerror or e}; check that it is a readable file")
-    return _file_text(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    return _file_text(source, str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def check_text_source(source: str, *, passkey: bool, need_tokens: int = 0, flag: str = "--text") -> None:
