@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import platform
+import warnings
 from collections import abc
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -122,12 +123,14 @@ def stdlib_text() -> str:
     """The docstrings of STDLIB_MODULES (in that sorted order), each one once, those of MIN_DOCSTRING characters or
     more, joined by blank lines: deterministic for a given Python version, nothing downloaded."""
     seen, docs = set(), []
-    for module in STDLIB_MODULES:
-        for doc in _module_docstrings(module):
-            doc = doc.strip()
-            if len(doc) >= MIN_DOCSTRING and doc not in seen:
-                seen.add(doc)
-                docs.append(doc)
+    with warnings.catch_warnings():                # reading typing.io's docstring warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        texts = [doc for module in STDLIB_MODULES for doc in _module_docstrings(module)]
+    for doc in texts:
+        doc = doc.strip()
+        if len(doc) >= MIN_DOCSTRING and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
     return "\n\n".join(docs)
 
 
