@@ -163,7 +163,7 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
     if as_json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        text = f" on {shown(rows[0]['text'])}" if rows[0].get("text") else ""
+        text = f" on {rows[0]['text']}" if rows[0].get("text") else ""           # _table escapes the title
         title += f"{text} ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
         table_rows = _vs_full(rows)
         key = _keyed(table_rows, out.width)
@@ -242,7 +242,7 @@ def run(
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
         data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
         results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source)
-        _print(results, f"kvtool run --task {task}: full cache vs {shown(spec)}", as_json)
+        _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
         return
     result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend, chunk=chunk)
     if as_json:
