@@ -5,6 +5,9 @@ The passkey layout follows DuoAttention (Xiao et al., arXiv 2410.10819): a long 
 tokens copy needle tokens exactly, which gives the (answer_pos, source_pos) copy pairs used to score
 retrieval heads as in the Retrieval Head paper (Wu et al., arXiv 2404.15574). The haystack is the Python
 standard library's own documentation (`pydoc_data.topics`), so nothing is downloaded.
+
+The evaluation tasks (`kvtool run --task`, `kvtool bench`, `--text`) read one of TEXT_SOURCES: `pydoc` (that same
+documentation) or `stdlib` (the docstrings of STDLIB_MODULES, held out from tuning), or a .txt / .jsonl file.
 """
 
 from __future__ import annotations

@@ -229,6 +229,8 @@ def test_text_sources_are_the_same_in_a_fresh_process():
     assert not any(m.startswith("pydoc") for m in STDLIB_MODULES) and set(TEXT_SOURCES) == {"pydoc", "stdlib"}
     assert source_text("pydoc") == haystack_text() and source_text("stdlib") == stdlib_text()
     assert "warning_once" not in stdlib_text() and len(stdlib_text()) > 300_000
+    docs = (Path(kvtool.__file__).resolve().parent.parent / "docs" / "runtime.md").read_text()
+    assert f"docstrings of {len(STDLIB_MODULES)} standard-library modules" in " ".join(docs.split())
     code = ("from kvtool.data import haystack_text, stdlib_text; import hashlib; "
             "print(*(hashlib.sha256(t().encode()).hexdigest() for t in (haystack_text, stdlib_text)))")
     root = str(Path(kvtool.__file__).resolve().parent.parent)
