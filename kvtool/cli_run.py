@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
+from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
 from kvtool.textsafe import shown
 
@@ -43,6 +44,25 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
     if path is not None and profile is None:
         err.print(f"Using the shipped profile {shown(path.name)}")
     return mdl, tok, prof
+
+
+TEXT_HELP = ("--task: the text it reads. nll: where the windows are cut; passkey: the haystack around the key. "
+             + "; ".join(f"{name}: {what}" for name, (_, what) in TEXT_SOURCES.items())
+             + f"; {FILLER_NAME}: repeated sentences (passkey only); or a .txt / .jsonl file. "
+             + f"Default: pydoc for nll, {FILLER_NAME} for passkey.")
+
+
+def _check_text(task: Optional[str], text: Optional[str], samples: int, context: int, continuation: int) -> str | None:
+    """The text source the task reads (its default when --text is not given), refused before loading the model when
+    it is unknown, unreadable, empty, filler for nll, or fewer bytes than the nll windows' tokens."""
+    if task is None:
+        if text is not None:
+            raise KvtoolError("--text is read by --task passkey|nll only; leave it out with --prompt / --prompt-file")
+        return None
+    source = text if text is not None else "pydoc" if task == "nll" else FILLER_NAME
+    need = samples * (context + continuation) if task == "nll" else 0
+    check_text_source(source, passkey=task == "passkey", need_tokens=need)
+    return source
 
 
 PASSKEY_ANSWER = 16          # positions a passkey answer may take after its prompt (a 5-digit key + 4 spare steps)
@@ -86,18 +106,18 @@ def _limit(mdl) -> Optional[int]:
     return getattr(mdl.config.get_text_config(), "max_position_embeddings", None)
 
 
-def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed):
+def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed, text: str):
     from kvtool.evaluate import default_depths, nll_samples, passkey_grid
 
     if task == "passkey":
-        return passkey_grid(tok, lengths, default_depths(depths), seed=seed)
+        return passkey_grid(tok, lengths, default_depths(depths), seed=seed, text=text)
     if task == "nll":
-        return nll_samples(tok, n_nll, context, continuation, seed=seed)
+        return nll_samples(tok, n_nll, context, continuation, seed=seed, source=text)
     raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
 
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
-               decode_steps: int = 16) -> list:
+               decode_steps: int = 16, text: str | None = None) -> list:
     from kvtool.baselines import make_cache
     from kvtool.evaluate import run_nll, run_passkey
 
@@ -113,6 +133,7 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
             else:
                 results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
                                        decode_steps=decode_steps))
+            results[-1].text = text
             bar.advance(job)
     return results
 
@@ -128,7 +149,7 @@ def _vs_full(rows: list[dict]) -> list[dict]:
     for r in rows:
         row = {}
         for k, v in r.items():
-            if k in ("task", "samples"):
+            if k in ("task", "samples", "text"):
                 continue
             row[SHORT.get(k, k)] = v
             if k == "nll" and full is not None:
@@ -142,7 +163,8 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
     if as_json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        title += f" ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
+        text = f" on {rows[0]['text']}" if rows[0].get("text") else ""           # _table escapes the title
+        title += f"{text} ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
         table_rows = _vs_full(rows)
         key = _keyed(table_rows, out.width)
         out.print(_table(title, table_rows))
@@ -184,6 +206,7 @@ def run(
     continuation: int = typer.Option(128, "--continuation", help="nll: teacher-forced tokens scored after the context."),
     chunk: int = typer.Option(512, "--chunk", help="Prefill chunk (tokens)."),
     seed: int = typer.Option(0, "--seed", help="--task: random seed of the passkey keys / the NLL text windows."),
+    text_source: Optional[str] = typer.Option(None, "--text", help=TEXT_HELP),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto (cupy on CUDA when CuPy works), torch or cupy."),
@@ -212,13 +235,14 @@ def run(
     _as_dtype(dtype)
     _check_backend(backend, device)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, 16)
+    source = _check_text(task, text_source, samples, context, continuation)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
-        data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
-        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend)
-        _print(results, f"kvtool run --task {task}: full cache vs {shown(spec)}", as_json)
+        data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
+        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source)
+        _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
         return
     result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend, chunk=chunk)
     if as_json:
@@ -369,6 +393,7 @@ def bench(
     decode_steps: int = typer.Option(16, "--decode-steps", help="nll: greedy decode steps timed after each context."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the passkey keys / the NLL text windows."),
+    text_source: Optional[str] = typer.Option(None, "--text", help=TEXT_HELP),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto, torch or cupy."),
@@ -405,6 +430,7 @@ def bench(
     _as_dtype(dtype)
     _check_backend(backend, device)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, decode_steps)
+    source = _check_text(task, text_source, samples, context, continuation)
     if skip_quanto:    # a note, not an error: only once every option is known to be good
         err.print(shown("Note: optimum-quanto is not installed (pip install 'kvtool[bench]'); "
                         "skipping the quanto baselines"), soft_wrap=True)
@@ -414,8 +440,8 @@ def bench(
         torch.set_num_threads(threads)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     _check_task_context(_limit(mdl), task, lens, context, continuation, decode_steps)
-    data = _samples(task, tok, lens, depths, samples, context, continuation, seed)
-    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps)
+    data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
+    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

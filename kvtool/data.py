@@ -5,14 +5,20 @@ The passkey layout follows DuoAttention (Xiao et al., arXiv 2410.10819): a long 
 tokens copy needle tokens exactly, which gives the (answer_pos, source_pos) copy pairs used to score
 retrieval heads as in the Retrieval Head paper (Wu et al., arXiv 2404.15574). The haystack is the Python
 standard library's own documentation (`pydoc_data.topics`), so nothing is downloaded.
+
+The evaluation tasks (`kvtool run --task`, `kvtool bench`, `--text`) read one of TEXT_SOURCES: `pydoc` (that same
+documentation) or `stdlib` (the docstrings of STDLIB_MODULES, held out from tuning), or a .txt / .jsonl file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import platform
+import warnings
 from collections import abc
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -65,6 +71,138 @@ def haystack_text() -> str:
     """All pydoc topics, joined in sorted key order (deterministic for a given Python version)."""
     from pydoc_data.topics import topics
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+# Pure-Python (or C-accelerated) standard-library modules whose import has no side effect beyond defining names.
+# Their docstrings are the `stdlib` text: prose the project never used before (not pydoc_data, not the filler).
+STDLIB_MODULES: tuple[str, ...] = tuple(sorted("""
+    argparse base64 bisect calendar cmd codecs collections concurrent.futures configparser contextlib copy csv
+    dataclasses datetime decimal difflib doctest email.message email.parser email.utils enum filecmp fnmatch
+    fractions ftplib functools getopt gettext glob gzip heapq hmac html.parser http.client http.cookiejar
+    http.server imaplib inspect ipaddress json logging logging.handlers mailbox mimetypes numbers operator optparse
+    pathlib pickle pkgutil platform plistlib pprint queue random sched secrets selectors shutil smtplib socketserver
+    statistics string subprocess tarfile tempfile textwrap threading timeit tokenize traceback typing unittest.case
+    unittest.mock urllib.parse urllib.request uuid warnings weakref xml.dom.minidom zipfile
+""".split()))
+MIN_DOCSTRING = 80          # characters; shorter docstrings ("Return self.") are left out
+
+
+def _defined_in(obj, module: str) -> bool:
+    """Defined by `module`, one of its submodules, or its C accelerator (_heapq for heapq): not a re-export."""
+    where = getattr(obj, "__module__", None) or ""
+    return where == module or where.startswith(module + ".") or where == "_" + module.rsplit(".", 1)[-1]
+
+
+def _member_of(cls: type, value) -> bool:
+    """A method / property written in `cls`'s own body (its qualified name says so), not one another package set on
+    the class at run time (transformers adds `warning_once` to logging.Logger) and not a nested class."""
+    func = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+    if not (inspect.isroutine(func) or isinstance(value, property)):
+        return False
+    qualname = getattr(func, "__qualname__", None)
+    return isinstance(qualname, str) and qualname.startswith(cls.__qualname__ + ".")
+
+
+def _module_docstrings(module: str) -> Iterator[str]:
+    """The module's docstring, then each public class / function defined there (sorted by name), a class followed by
+    its own public methods and properties (sorted; inherited ones are not repeated)."""
+    mod = importlib.import_module(module)
+    yield inspect.getdoc(mod) or ""
+    names = vars(mod)
+    for name in sorted(names):
+        obj = names[name]
+        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _defined_in(obj, module):
+            continue
+        yield inspect.getdoc(obj) or ""
+        if inspect.isclass(obj):
+            members = vars(obj)
+            for attr in sorted(members):
+                if not attr.startswith("_") and _member_of(obj, members[attr]):
+                    yield inspect.getdoc(members[attr]) or ""
+
+
+@lru_cache(maxsize=1)
+def stdlib_text() -> str:
+    """The docstrings of STDLIB_MODULES (in that sorted order), each one once, those of MIN_DOCSTRING characters or
+    more, joined by blank lines: deterministic for a given Python version, nothing downloaded."""
+    seen, docs = set(), []
+    with warnings.catch_warnings():                # reading typing.io's docstring warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        texts = [doc for module in STDLIB_MODULES for doc in _module_docstrings(module)]
+    for doc in texts:
+        doc = doc.strip()
+        if len(doc) >= MIN_DOCSTRING and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+    return "\n\n".join(docs)
+
+
+# Named built-in texts for the evaluation tasks (NLL windows, pass-key haystacks): name -> (text, what it is).
+TEXT_SOURCES: dict[str, tuple[Callable[[], str], str]] = {
+    "pydoc": (haystack_text, "Python's documentation topics (pydoc_data.topics)"),
+    "stdlib": (stdlib_text, f"docstrings of {len(STDLIB_MODULES)} standard-library modules (held out)"),
+}
+FILLER_NAME = "filler"      # the pass-key haystack of repeated sentences (FILLER): a haystack, not a text source
+
+
+def text_sources_help(passkey: bool = True) -> str:
+    """The names a --text option takes, for help and errors."""
+    names = list(TEXT_SOURCES) + ([FILLER_NAME] if passkey else [])
+    return ", ".join(names) + " or a .txt / .jsonl file"
+
+
+@lru_cache(maxsize=8)
+def _file_text(path: str, resolved: str, mtime_ns: int, size: int) -> str:
+    return _read_text(Path(path), "\n\n")    # keyed by where it is, mtime and size: an edited file is read again
+
+
+def source_text(source: str) -> str:
+    """The whole text of a source: a name of TEXT_SOURCES, or a path to a .txt / .jsonl file (read once per process
+    while it is unchanged)."""
+    if source in TEXT_SOURCES:
+        return TEXT_SOURCES[source][0]()
+    path = Path(source)
+    if not path.exists():
+        raise KvtoolError(f"no text source or file named {source!r}; give {text_sources_help(False)}")
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise KvtoolError(f"cannot read text file {path}: {e.strerror or e}; check that it is a readable file")
+    return _file_text(source, str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def check_text_source(source: str, *, passkey: bool, need_tokens: int = 0, flag: str = "--text") -> None:
+    """Refuse, without a tokenizer (before any model is loaded), a source that is not a known name or a readable
+    .txt / .jsonl file with text, "filler" outside a pass-key haystack, and a text with fewer bytes than
+    `need_tokens` (a token holds at least one byte of text; the exact count is checked when the text is cut)."""
+    if source == FILLER_NAME:
+        if not passkey:
+            raise KvtoolError(f"{flag} filler (repeated sentences) is only a numeric pass-key haystack; "
+                              f"give {text_sources_help(False)}")
+        return
+    if source not in TEXT_SOURCES and not Path(source).exists():
+        raise KvtoolError(f"{flag} {source!r}: no such text source or file; give {text_sources_help(passkey)}")
+    text = source_text(source)
+    if not text.strip():
+        raise KvtoolError(f"{flag} {source}: the file has no text; give a .txt file or .jsonl lines of "
+                          "{\"text\": ...}")
+    size = len(text.encode("utf-8"))
+    if size < need_tokens:
+        raise KvtoolError(f"{flag} {source} has only {size} bytes of text, fewer than the {need_tokens} tokens asked "
+                          "for; ask for fewer or shorter samples, or give a longer text")
+
+
+def text_ids(source: str, tokenizer, need: int, *, tile: bool = True) -> list[int]:
+    """Token ids of a text source (a TEXT_SOURCES name or a .txt / .jsonl path): its first max(8 x need, 200k)
+    characters, tokenised. tile: repeat the ids when even that is shorter than `need` (a haystack); otherwise the
+    caller checks the length (NLL windows must not repeat text)."""
+    text = source_text(source)
+    ids = _encode(tokenizer, text[:max(8 * need, 200_000)])
+    while tile and ids and len(ids) < max(need, 1):
+        ids = ids + ids
+    if tile and not ids:
+        raise KvtoolError(f"text source {source} gives no tokens; give a text with some words in it")
+    return ids
 
 
 def ordinal(n: int) -> str:
@@ -167,16 +305,12 @@ def _plan(tokenizer, i: int, seq_len: int, seed: int, n_needles: int, words_per_
     return _Plan(seq_len, depths, words, pieces, answers, fixed, float(rng.random()))
 
 
-def _haystack_ids(tokenizer, need: int) -> list[int]:
+def _haystack_ids(tokenizer, need: int, source: str = "pydoc") -> list[int]:
     """Tokenise a long slice of the haystack once; tile it if even the whole text is too short."""
-    text = haystack_text()
-    ids = _encode(tokenizer, text[:max(8 * need, 200_000)])
-    while len(ids) < max(need, 1):
-        ids = ids + ids
-    return ids
+    return text_ids(source, tokenizer, need, tile=True)
 
 
-def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -> Sample:
+def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int, source: str = _HAYSTACK_SOURCE) -> Sample:
     H = plan.hay_len
     offset = int(plan.u * (len(hay) - H + 1))
     window = hay[offset:offset + H]
@@ -195,7 +329,7 @@ def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -
         ids += key + end
     assert len(ids) == plan.seq_len
     pairs = [(a + t, n + t) for (a, _), (n, m) in zip(answer_spans, needle_spans) for t in range(m - n)]
-    meta = {"kind": "passkey", "source": _HAYSTACK_SOURCE, "sample": i, "seed": seed, "seq_len": plan.seq_len,
+    meta = {"kind": "passkey", "source": source, "sample": i, "seed": seed, "seq_len": plan.seq_len,
             "depths": plan.depths, "passkeys": [" ".join(w) for w in plan.words], "haystack_offset": offset,
             "qa_start": qa_start}
     return Sample(torch.tensor(ids, dtype=torch.int64),  # input_ids: [T]
@@ -205,13 +339,15 @@ def _assemble(plan: _Plan, head: list[int], hay: list[int], i: int, seed: int) -
 
 def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, n_needles: int = 3,
                     words_per_needle: int = 8, depths: Sequence[float] | None = None,
-                    seed: int = 42) -> SampleStream:
+                    seed: int = 42, text: str = "pydoc") -> SampleStream:
     """DuoAttention-style passkey samples of exactly `seq_len` tokens (a list of lengths cycles over samples).
 
     The samples are made one at a time as they are read (a SampleStream), so any number of them takes the memory
     of one. The layout is checked on the first samples here; a later sample too short for its needles (seq_len
-    barely above the minimum and longer passkey words) raises the same error when it is made."""
+    barely above the minimum and longer passkey words) raises the same error when it is made. `text`: the haystack's
+    text source (a TEXT_SOURCES name or a .txt / .jsonl path; default pydoc)."""
     _check_samples(n_samples)
+    check_text_source(text, passkey=False, flag="text")
     _check_positive("n_needles", n_needles, "use 1 or more needles")
     _check_positive("words_per_needle", words_per_needle, "use 1 or more words per passkey")
     fixed_depths = None if depths is None else _check_depths(depths, n_needles)
@@ -230,12 +366,13 @@ def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, 
                               "needles/words")
 
     refuse([plan(i) for i in range(min(int(n_samples), 16))])
-    hay = _haystack_ids(tokenizer, max(lens))        # every window fits: a haystack is shorter than its sample
+    hay = _haystack_ids(tokenizer, max(lens), text)  # every window fits: a haystack is shorter than its sample
+    source = _HAYSTACK_SOURCE if text == "pydoc" else text
 
     def make(i: int) -> Sample:
         p = plan(i)
         refuse([p])
-        return _assemble(p, head, hay, i, seed)
+        return _assemble(p, head, hay, i, seed, source)
 
     return SampleStream(n_samples, make, lens)
 
@@ -250,19 +387,19 @@ def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed:
     (length, depth) in `specs`; the prompt has exactly `length` tokens and ends where the answer starts.
 
     haystack "filler": the paper's repeated filler sentences (the key is the only new information, so a model that
-    can read its whole context finds it); "pydoc": a window of Python's own documentation (a harder needle task).
+    can read its whole context finds it); a text source ("pydoc": Python's own documentation, "stdlib": standard
+    library docstrings, or a .txt / .jsonl path): a random window of that text (a harder needle task).
     """
-    if haystack not in ("filler", "pydoc"):
-        raise KvtoolError(f"unknown pass-key haystack {haystack!r} (filler or pydoc)")
+    check_text_source(haystack, passkey=True, flag="pass-key haystack")
     intro = _encode(tokenizer, "There is an important pass key hidden inside a lot of irrelevant text. "
                                "Find it and memorize it.\n\n")
     question = _encode(tokenizer, "\n\nWhat is the pass key? The pass key is")
     need = max((int(n) for n, _ in specs), default=1)
-    if haystack == "filler":
+    if haystack == FILLER_NAME:
         unit = _encode(tokenizer, FILLER)
         hay = unit * (need // len(unit) + 2)
     else:
-        hay = _haystack_ids(tokenizer, need)
+        hay = _haystack_ids(tokenizer, need, haystack)
     out = []
     for i, (length, depth) in enumerate(specs):
         rng = np.random.default_rng(seed + i)
@@ -271,7 +408,7 @@ def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed:
         n = int(length) - len(_bos(tokenizer)) - len(intro) - len(needle) - len(question)
         if n < 1:
             raise KvtoolError(f"pass-key prompt of {length} tokens is too short; give at least {int(length) - n + 1}")
-        start = int(rng.integers(0, len(hay) - n + 1)) if haystack == "pydoc" else 0
+        start = int(rng.integers(0, len(hay) - n + 1)) if haystack != FILLER_NAME else 0
         window, cut = hay[start:start + n], int(float(depth) * n)
         ids = _bos(tokenizer) + intro + window[:cut] + needle + window[cut:] + question
         out.append((torch.tensor(ids, dtype=torch.int64), key))              # prompt: [T]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvtool.cache import prefill, with_cache
-from kvtool.data import numeric_passkey_prompts, passkey_samples
+from kvtool.data import check_text_source, numeric_passkey_prompts, passkey_samples, text_ids
 from kvtool.errors import KvtoolError
 
 
@@ -34,6 +34,7 @@ class TaskResult:
     correct: int | None = None                # passkey
     nll: float | None = None                  # nll: mean over every continuation token of every sample
     hits: list[bool] = field(default_factory=list)
+    text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
 
     @property
     def ratio(self) -> float:
@@ -46,41 +47,51 @@ class TaskResult:
             out["accuracy"] = f"{self.correct}/{self.samples}"
         else:
             out["nll"] = round(self.nll, 4)
+        if self.text is not None:
+            out["text"] = self.text
         out.update({"kv_MiB": round(self.kv_bytes / 2**20, 3), "x_smaller_than_16bit": round(self.ratio, 2),
                     "prefill_tok_s": round(self.prefill_tokens_per_s, 1),
                     "decode_tok_s": round(self.decode_tokens_per_s, 2), "seconds": round(self.seconds, 1)})
         return out
 
 
-def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt: str = "numeric"):
+def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt: str = "numeric",
+                 text: str | None = None):
     """One single-needle passkey sample per (length, depth) as (prompt ids [T], answer text).
 
-    fmt "numeric": the classic 5-digit pass key in repeated filler text (kvtool.data.numeric_passkey_prompts);
-    "pydoc": the same key in a window of Python's documentation; "nato": kvtool's calibration format with a key of
-    `words` NATO words. The prompt ends where the answer starts.
+    fmt "numeric": the classic 5-digit pass key (kvtool.data.numeric_passkey_prompts) in the haystack `text`:
+    "filler" (repeated sentences, the default), a text source name ("pydoc", "stdlib") or a .txt / .jsonl path;
+    fmt "pydoc" is "numeric" with text "pydoc"; "nato": kvtool's calibration format with a key of `words` NATO words
+    in `text` (default "pydoc"). The prompt ends where the answer starts.
     """
     specs = [(int(n), float(d)) for n in lengths for d in depths]
+    if fmt == "pydoc" and text not in (None, "pydoc"):
+        raise KvtoolError(f"passkey format pydoc reads pydoc, not {text!r}; use fmt numeric with text={text!r}")
     if fmt in ("numeric", "pydoc"):
-        return numeric_passkey_prompts(tokenizer, specs, seed=seed, haystack="filler" if fmt == "numeric" else "pydoc")
+        haystack = text if text is not None else "filler" if fmt == "numeric" else "pydoc"
+        return numeric_passkey_prompts(tokenizer, specs, seed=seed, haystack=haystack)
     if fmt != "nato":
         raise KvtoolError(f"unknown passkey format {fmt!r} (numeric, pydoc or nato)")
     out = []
     for i, (length, depth) in enumerate(specs):
-        s = passkey_samples(tokenizer, 1, length, n_needles=1, words_per_needle=words, depths=[depth], seed=seed + i)[0]
+        s = passkey_samples(tokenizer, 1, length, n_needles=1, words_per_needle=words, depths=[depth], seed=seed + i,
+                            text=text or "pydoc")[0]
         (a, b), = s.answer_spans
         out.append((s.input_ids[:a], tokenizer.decode(s.input_ids[a:b]).strip()))
     return out
 
 
-def nll_samples(tokenizer, n: int, context: int, continuation: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n` disjoint windows of natural text (Python's documentation, kvtool.data's haystack) as (context ids [C],
-    continuation ids [N])."""
-    from kvtool.data import _haystack_ids
-
+def nll_samples(tokenizer, n: int, context: int, continuation: int, seed: int = 0,
+                source: str = "pydoc") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` disjoint windows of natural text as (context ids [C], continuation ids [N]), cut from `source`: a text
+    source name of kvtool.data.TEXT_SOURCES ("pydoc": Python's documentation, the default; "stdlib": standard
+    library docstrings) or a .txt / .jsonl path. The text is never repeated to fit: too short a text is refused."""
     need = n * (context + continuation)
-    ids = _haystack_ids(tokenizer, need)
+    check_text_source(source, passkey=False, flag="NLL text")
+    ids = text_ids(source, tokenizer, need, tile=False)
     if len(ids) < need:
-        raise KvtoolError(f"the built-in text has {len(ids)} tokens; {n} x ({context} + {continuation}) do not fit")
+        raise KvtoolError(f"the text {source} gives {len(ids)} tokens here; {n} x ({context} + {continuation}) = "
+                          f"{need} do not fit; ask for fewer or shorter samples, or give a longer text")
     rng = np.random.default_rng(seed)
     stride = len(ids) // n
     out = []

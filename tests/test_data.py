@@ -204,3 +204,102 @@ def test_file_errors(tok, tmp_path):
     short.write_text("just a few words here")
     n = len(tok(short.read_text(), add_special_tokens=False)["input_ids"])
     _raises(lambda: load_samples(str(short), tok, 1, 64), f"only {n} tokens", "64")
+
+
+# --- text sources of the evaluation tasks (kvtool.data.TEXT_SOURCES, `--text` of run/bench) ---
+
+def _sha(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_text_sources_are_the_same_in_a_fresh_process():
+    """The stdlib text depends only on the Python version: a bare interpreter gives the same text as this process,
+    where transformers has added methods to logging.Logger."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import transformers.utils.logging  # noqa: F401  (patches logging.Logger)
+
+    import kvtool
+    from kvtool.data import STDLIB_MODULES, TEXT_SOURCES, source_text, stdlib_text
+
+    assert list(STDLIB_MODULES) == sorted(set(STDLIB_MODULES)) and 40 <= len(STDLIB_MODULES) <= 90
+    assert not any(m.startswith("pydoc") for m in STDLIB_MODULES) and set(TEXT_SOURCES) == {"pydoc", "stdlib"}
+    assert source_text("pydoc") == haystack_text() and source_text("stdlib") == stdlib_text()
+    assert "warning_once" not in stdlib_text() and len(stdlib_text()) > 300_000
+    docs = (Path(kvtool.__file__).resolve().parent.parent / "docs" / "runtime.md").read_text()
+    assert f"docstrings of {len(STDLIB_MODULES)} standard-library modules" in " ".join(docs.split())
+    code = ("from kvtool.data import haystack_text, stdlib_text; import hashlib; "
+            "print(*(hashlib.sha256(t().encode()).hexdigest() for t in (haystack_text, stdlib_text)))")
+    root = str(Path(kvtool.__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [_sha(haystack_text()), _sha(stdlib_text())]
+
+
+def test_stdlib_and_pydoc_share_no_long_window():
+    from kvtool.data import stdlib_text
+
+    pydoc, stdlib = haystack_text(), stdlib_text()
+    for a, b in ((stdlib, pydoc), (pydoc, stdlib)):
+        windows = [a[i:i + 200] for i in range(0, len(a) - 200, 997)]          # a sample of 200-character windows
+        assert len(windows) > 400 and not [w for w in windows if w in b]
+
+
+def test_unknown_text_sources_are_refused(tmp_path):
+    from kvtool.data import check_text_source
+
+    with pytest.raises(KvtoolError, match="no such text source or file.*pydoc, stdlib, filler"):
+        check_text_source("wiki", passkey=True)
+    with pytest.raises(KvtoolError, match="only a numeric pass-key haystack"):
+        check_text_source("filler", passkey=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(KvtoolError, match="has no text"):
+        check_text_source(str(tmp_path / "empty.txt"), passkey=True)
+    with pytest.raises(KvtoolError, match="fewer than the 1000000 tokens"):
+        check_text_source("pydoc", passkey=False, need_tokens=1_000_000)
+    check_text_source("filler", passkey=True)
+    check_text_source("stdlib", passkey=False, need_tokens=6 * 2176)
+
+
+def test_nll_windows_of_each_source(tok, tmp_path):
+    from kvtool.data import _encode, stdlib_text
+    from kvtool.evaluate import nll_samples
+
+    assert len(_encode(tok, stdlib_text())) >= 60_000                        # the embedded tokenizer's count
+    default = nll_samples(tok, 6, 2048, 128)
+    assert all(torch.equal(a, c) and torch.equal(b, d)
+               for (a, b), (c, d) in zip(default, nll_samples(tok, 6, 2048, 128, source="pydoc")))
+    held = nll_samples(tok, 6, 2048, 128, source="stdlib")
+    assert [(len(c), len(n)) for c, n in held] == [(2048, 128)] * 6
+    assert all(torch.equal(a, c) for (a, _), (c, _) in zip(held, nll_samples(tok, 6, 2048, 128, source="stdlib")))
+    starts = {tuple(c[:32].tolist()) for c, _ in held}
+    assert len(starts) == 6 and not starts & {tuple(c[:32].tolist()) for c, _ in default}
+    assert all(tok.decode(c[8:200]) in stdlib_text() for c, _ in held)      # cut from the stdlib text itself
+    path = tmp_path / "own.jsonl"
+    path.write_text("\n".join(json.dumps({"text": haystack_text()[i * 4000:(i + 1) * 4000]}) for i in range(3)))
+    own = nll_samples(tok, 2, 300, 20, source=str(path))
+    assert [(len(c), len(n)) for c, n in own] == [(300, 20)] * 2
+    with pytest.raises(KvtoolError, match="do not fit"):                      # never repeated to fit
+        nll_samples(tok, 20, 300, 20, source=str(path))
+
+
+def test_passkey_haystack_of_each_source(tok):
+    from kvtool.data import stdlib_text
+    from kvtool.evaluate import passkey_grid
+
+    prompts = passkey_grid(tok, [1024, 4096], [0.1, 0.9], seed=3, text="stdlib")
+    assert [len(p) for p, _ in prompts] == [1024, 1024, 4096, 4096]
+    for p, key in prompts:
+        text = tok.decode(p)
+        assert text.count(key) == 2 and text.endswith("The pass key is")
+        assert tok.decode(p[40:90]) in stdlib_text()                          # the haystack, before the needle
+    filler = passkey_grid(tok, [1024, 4096], [0.1, 0.9], seed=3)
+    assert [k for _, k in filler] == [k for _, k in prompts]                 # same keys, other haystack
+    assert all(not torch.equal(a, b) for (a, _), (b, _) in zip(filler, prompts))
+    nato = passkey_samples(tok, 2, 512, n_needles=1, seed=1, text="stdlib")
+    assert [len(s.input_ids) for s in nato] == [512, 512] and nato[0].meta["source"] == "stdlib"
+    assert passkey_samples(tok, 1, 512, n_needles=1)[0].meta["source"] == "pydoc_data.topics"

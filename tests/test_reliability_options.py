@@ -195,6 +195,15 @@ BEFORE_LOAD = [
                                 "--data", "bad.jsonl", "-o", "q.kv.st"], "not valid JSON"),
     ("kvquant-vgroup-0", ["calibrate", "-m", "kvquant", MODEL, "--profile", "good.kv.st", "--seq-len", "64",
                           "--vgroup", "0", "-o", "q.kv.st"], "vgroup"),
+    # --text: the evaluation tasks' text source
+    ("run-text-unknown", ["run", MODEL, *NLL, "--text", "wiki"], "no such text source or file"),
+    ("bench-text-missing", ["bench", MODEL, *BENCH, *NLL, "--text", "nope.txt"], "no such text source or file"),
+    ("run-text-filler-nll", ["run", MODEL, *NLL, "--text", "filler"], "only a numeric pass-key haystack"),
+    ("bench-text-empty", ["bench", MODEL, *BENCH, "--task", "passkey", "--lengths", "96", "--text", "empty.txt"],
+     "has no text"),
+    ("bench-text-wrong-type", ["bench", MODEL, *BENCH, *NLL, "--text", "data.csv"], "unsupported data file type"),
+    ("run-text-too-short", ["run", MODEL, *NLL, "--text", "short.txt"], "fewer than the 72 tokens"),
+    ("run-text-with-prompt", ["run", MODEL, "--prompt", "hi", "--text", "stdlib"], "--text is read by --task"),
     # slow refusals: sink + recent, profiles
     ("profile-seq-len-vs-window", ["profile", MODEL, "--seq-len", "100", "--sink", "64", "--recent", "64"],
      "must exceed sink + recent"),

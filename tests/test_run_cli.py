@@ -135,3 +135,29 @@ def test_table_keeps_long_policy_names_whole_when_piped(tiny_with_profile, colum
         assert lines[-2:] == [f"#1  {pols[0]}", f"#2  {pols[1]}"]
     else:
         assert first_column == ["full", *pols]
+
+
+def test_text_source_is_used_and_recorded(capsys, monkeypatch, tiny_with_profile, tmp_path):
+    """--text picks the NLL windows / the pass-key haystack; rows and the table title say which text it was."""
+    model, prof = tiny_with_profile
+    nll = ["--task", "nll", "--samples", "1", "--context", "64", "--continuation", "8", "--decode-steps", "1",
+           "--baselines", "none", "--policies", "heads=all"]
+    by_text = {}
+    for text in ("pydoc", "stdlib"):
+        code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--text", text, "--json")
+        assert code == 0, err
+        rows = json.loads(out)
+        assert [r["text"] for r in rows] == [text, text]
+        by_text[text] = rows[0]["nll"]
+    code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--json")
+    assert code == 0 and json.loads(out)[0]["text"] == "pydoc" and json.loads(out)[0]["nll"] == by_text["pydoc"]
+    assert by_text["stdlib"] != by_text["pydoc"]                          # other windows, other NLL
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "[own].txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=all", "--task", "passkey",
+                         "--lengths", "96", "--depths", "1", "--text", "[own].txt")
+    assert code == 0, err
+    assert "heads=all on [own].txt (1 samples" in " ".join(out.split())    # the file name, printed as written
+    code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=all", "--task", "passkey",
+                         "--lengths", "96", "--depths", "1", "--json")
+    assert code == 0 and {r["text"] for r in json.loads(out)} == {"filler"}
