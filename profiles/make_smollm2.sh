@@ -9,3 +9,5 @@ kvtool calibrate --method razor --profile "$out"            # echo/induction pro
 kvtool calibrate --method retrieval --profile "$out"        # copy score from the trace above
 kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "$work/duo.ckpt"
 kvtool calibrate --method kvquant --profile "$out"          # k-means quantization levels (2/3/4 bit), ~1 min
+kvtool calibrate --method pca --profile "$out"              # PCA bases from the traced moments + latent ranges, ~2 min
+kvtool calibrate --method pod --threshold 0.4 --samples 2 --seq-len 512 --profile "$out"   # PoD groups + key maps, ~1 min
