@@ -144,16 +144,25 @@ SHORT = {"x_smaller_than_16bit": "x smaller", "prefill_tok_s": "prefill tok/s", 
 
 def _vs_full(rows: list[dict]) -> list[dict]:
     """Rows as the table shows them: short column names and, beside each NLL, its change against the `full` row."""
-    full = next((r for r in rows if r["cache"] == "full" and "nll" in r), None)
+    from kvtool.evaluate import paired_bootstrap
+
+    full = next((r for r in rows if r["cache"] == "full"), None)
     table_rows = []
     for r in rows:
         row = {}
         for k, v in r.items():
-            if k in ("task", "samples", "text"):
+            if k in ("task", "samples", "text", "hits", "sample_nll"):
                 continue
             row[SHORT.get(k, k)] = v
-            if k == "nll" and full is not None:
+            if k == "nll" and full is not None and "nll" in full:
                 row["vs full"] = "—" if r is full else f"{100 * (v / full['nll'] - 1):+.1f}%"
+            if k in ("nll", "accuracy") and full is not None and r is not full:
+                ci = paired_bootstrap(r, full)
+                if ci is not None:
+                    unit = "%" if k == "nll" else ""
+                    row["95% CI"] = f"[{ci[0]:+.1f},{ci[1]:+.1f}]{unit}"
+            elif k in ("nll", "accuracy") and full is not None:
+                row["95% CI"] = "—"
         table_rows.append(row)
     return table_rows
 
@@ -166,11 +175,20 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
         text = f" on {rows[0]['text']}" if rows[0].get("text") else ""           # _table escapes the title
         title += f"{text} ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
         table_rows = _vs_full(rows)
+        if _width(table_rows, exclude="cache") + 8 > out.width and any("95% CI" in r for r in table_rows):
+            table_rows = [{k: v for k, v in r.items() if k != "95% CI"} for r in table_rows]
+            title += "; 95% CIs: --json or a wider terminal"
         key = _keyed(table_rows, out.width)
         out.print(_table(title, table_rows))
         for label, spec in key:
             out.print(f"{label}  {shown(spec)}", soft_wrap=True)
     return rows
+
+
+def _width(table_rows: list[dict], exclude: str) -> int:
+    """Characters the table's columns other than `exclude` take (content + borders)."""
+    return sum(max(len(str(col)), *(len(str(r.get(col, ""))) for r in table_rows)) + 3
+               for col in table_rows[0] if col != exclude)
 
 
 def _keyed(table_rows: list[dict], width: int) -> list[tuple[str, str]]:

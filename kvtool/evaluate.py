@@ -34,6 +34,7 @@ class TaskResult:
     correct: int | None = None                # passkey
     nll: float | None = None                  # nll: mean over every continuation token of every sample
     hits: list[bool] = field(default_factory=list)
+    sample_nll: list[float] = field(default_factory=list)   # nll: each sample's mean over its continuation tokens
     text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
 
     @property
@@ -45,8 +46,10 @@ class TaskResult:
         out = {"cache": self.spec, "task": self.task, "samples": self.samples}
         if self.task == "passkey":
             out["accuracy"] = f"{self.correct}/{self.samples}"
+            out["hits"] = "".join("1" if h else "0" for h in self.hits)
         else:
             out["nll"] = round(self.nll, 4)
+            out["sample_nll"] = [round(x, 5) for x in self.sample_nll]
         if self.text is not None:
             out["text"] = self.text
         out.update({"kv_MiB": round(self.kv_bytes / 2**20, 3), "x_smaller_than_16bit": round(self.ratio, 2),
@@ -184,7 +187,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
     single-token steps after that."""
     from kvtool.baselines import make_cache
 
-    total_nll, total_tok = 0.0, 0
+    total_nll, total_tok, per = 0.0, 0, []
     m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
     for context, cont in samples:
@@ -195,7 +198,9 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
         cont = cont.to(dev)
         logits = model(input_ids=cont[:-1].view(1, -1), **with_cache(model, cache), use_cache=True).logits[0]
         logits = torch.cat([last, logits], 0).float()                                       # [N, V]
-        total_nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
+        one = float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
+        total_nll += one
+        per.append(one / max(cont.numel(), 1))
         total_tok += cont.numel()
         m.held(cache)
         token = logits[-1].argmax().view(1, 1)
@@ -203,8 +208,30 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
             with m.dec:
                 token = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             m.n_dec += 1
-    return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1))
+    return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1), sample_nll=per)
 
 
 def default_depths(n: int) -> np.ndarray:
     return np.linspace(0.1, 0.9, n)
+
+
+def paired_bootstrap(row: dict, full: dict, n: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile-bootstrap interval of a row's difference from the full cache's row on the same samples
+    (resampled together): passkey, the change in correct samples (a count out of the row's samples); nll, the change
+    in NLL in percent of the full cache's. None when the rows do not hold per-sample results of equal length."""
+    if "hits" in row and "hits" in full and len(row["hits"]) == len(full["hits"]) and row["hits"]:
+        a = np.array([c == "1" for c in row["hits"]], dtype=float)
+        b = np.array([c == "1" for c in full["hits"]], dtype=float)
+        stat = lambda i: a[i].mean() - b[i].mean()                                   # noqa: E731
+        scale = len(a)
+    elif row.get("sample_nll") and full.get("sample_nll") and len(row["sample_nll"]) == len(full["sample_nll"]):
+        a, b = np.array(row["sample_nll"]), np.array(full["sample_nll"])
+        stat = lambda i: a[i].mean() / b[i].mean() - 1                               # noqa: E731
+        scale = 100.0
+    else:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), (n, len(a)))
+    vals = np.array([stat(i) for i in idx]) * scale
+    vals = np.round(vals, 9)                                                         # counts stay whole numbers
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
