@@ -54,22 +54,46 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of query [B, H_q, t, D] over a StoreLayer's stores → [B, t, H_q, D] in query.dtype."""
     b, hq, t, d = query.shape
     k, v, pos = layer.pending                                            # [B, H_kv, t, D] ×2, [t]
-    out = query.new_empty(b, t, hq, d)
+    groups = layer.groups
+    out = None if len(groups) == 1 and groups[0].q_heads is None else query.new_empty(b, t, hq, d)
     fused = t == 1 and layer.backend == "cupy"
-    for group in layer.groups:
-        store, q = group.store, query if group.q_heads is None else query[:, group.q_heads]
-        kn = k if group.kv_heads is None else k[:, group.kv_heads]
-        vn = v if group.kv_heads is None else v[:, group.kv_heads]
-        dst = slice(None) if group.q_heads is None else group.q_heads
+    for group in groups:
+        store = group.store
+        q_sel, kv_sel = _selectors(group)                                # slices where the heads are a range
+        q = query[:, q_sel]
+        kn, vn = k[:, kv_sel], v[:, kv_sel]
         if fused and getattr(store, "fused_ok", lambda: False)() and fused_shapes_ok(store, d):
             store.append(kn, vn, pos)
-            out[:, 0, dst] = store.fused_decode(q[:, :, 0], scaling).to(out.dtype)
-            continue
-        o, _ = store.attend(q, pos, scaling, new=(kn, vn))                # [B, h·G, t, D] float32
-        store.append(kn, vn, pos)
-        out[:, :, dst] = o.transpose(1, 2).to(out.dtype)
+            o = store.fused_decode(q[:, :, 0], scaling).unsqueeze(1)    # [B, 1, h·G, D]
+        else:
+            o, _ = store.attend(q, pos, scaling, new=(kn, vn))            # [B, h·G, t, D] float32
+            store.append(kn, vn, pos)
+            o = o.transpose(1, 2)
+        if out is None:                                                  # one store over every head
+            out = o.to(query.dtype).contiguous()
+        else:
+            out[:, :, q_sel] = o
     layer.pending = None
     return out
+
+
+def _selectors(group) -> tuple:
+    """(query heads, KV heads) of a HeadGroup as indices for `x[:, sel]`: a slice when the heads are consecutive (a
+    view instead of a gather), else the index tensor; computed once per group."""
+    sel = getattr(group, "_selectors", None)
+    if sel is None:
+        sel = (_as_index(group.q_heads), _as_index(group.kv_heads))
+        group._selectors = sel
+    return sel
+
+
+def _as_index(heads: torch.Tensor | None):
+    if heads is None:
+        return slice(None)
+    first = int(heads[0]) if len(heads) else 0
+    if torch.equal(heads.cpu(), torch.arange(first, first + len(heads))):
+        return slice(first, first + len(heads))
+    return heads
 
 
 def fused_shapes_ok(store, head_dim: int) -> bool:

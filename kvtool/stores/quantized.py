@@ -31,7 +31,7 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, tensor_bytes
+from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, cat_float, register, tensor_bytes
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -153,14 +153,6 @@ def uniform(levels: torch.Tensor | None, bits: int) -> bool:
     if levels.dim() != 1:
         return False
     return bool(torch.equal(levels.cpu(), quant.uniform_levels(bits)))
-
-
-def _cat_float(sink: torch.Tensor, buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """sink | buffer (16-bit) | the new tokens read exactly, float32 [B, h, ·, D]: one cat when `new` is float32 (the
-    16-bit parts are promoted exactly)."""
-    if new.dtype == torch.float32:
-        return torch.cat([sink, buf, new], 2)
-    return torch.cat([torch.cat([sink, buf], 2).float(), new.float()], 2)
 
 
 @register("quantized")
@@ -342,14 +334,14 @@ class QuantizedStore(Store):
         h = self.sink_k.shape[1]
         qs = q.float().reshape(b, h, hq // h, d) * scaling                 # [B, h, G, D]
         ktab = key_table(self.key.quantizer) if self.k_bits in (2, 4, 8) and not self._k_uniform else None
-        k16 = _cat_float(self.sink_k, self.buf_k, new[0])                 # [B, h, s + b + 1, D]
+        k16 = cat_float(self.sink_k, self.buf_k, new[0])                 # [B, h, s + b + 1, D]
         scores = [torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2)) for blk in self.blocks]
         scores.append(torch.matmul(qs, k16.transpose(-1, -2)))
         s = torch.cat(scores, -1)                                          # [B, h, G, N]
         m = s.amax(-1, keepdim=True)                                       # [B, h, G, 1], finite: no mask
         p = s.sub_(m).exp_()
         total = p.sum(-1, keepdim=True)
-        v16 = _cat_float(self.sink_v, self.buf_v, new[1])
+        v16 = cat_float(self.sink_v, self.buf_v, new[1])
         out = torch.matmul(p[..., self.n_body:], v16)                      # [B, h, G, D]
         start = 0
         for blk in self.blocks:
