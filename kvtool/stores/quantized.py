@@ -13,7 +13,9 @@ values (the retrieval heads of DuoAttention arXiv 2410.10819 keep the whole cont
 The body lives in blocks of at most `block` tokens (packed codes, value scales, outliers per block), so appending
 copies at most one block, and `attend` reads the body block by block: each block gives a partial softmax with its
 log-sum-exp, merged at the end (the split-K merge of cupy_kernels' fused kernel), so the body is never dequantized
-whole: only one block's keys exist in float at a time. With uniform levels the codes are unpacked by byte shifts;
+whole: only one block's keys exist in float at a time. A decode step (one query after every held token) takes a
+single softmax over every block's scores, the 16-bit parts and the new token (`_decode_step`) instead of merging a
+partial per part. With uniform levels the codes are unpacked by byte shifts;
 keys are decoded by one addcmul (lo + span/(2^b − 1)·code per channel, then RoPE for pre-RoPE keys), and at a decode
 step values are not decoded at all: with per-token group ranges, Σ_n p_n (lo_n + span_n·t_n) = p·lo + (p⊙span)·t per
 group. k-means codebooks decode keys with one gather from a byte → (8/bits values) table of lo + span·level per
