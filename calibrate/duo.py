@@ -20,22 +20,17 @@ for MHA by default) with deterministic tie-breaking; training and deployment win
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
-from kvtool.windows import window_allowed
+from kvtool.attention import DUO_ATTENTION, DUO_STATES, DuoState, switched
 from kvtool.errors import KvtoolError
 from kvtool.trace import Dims, attention_modules
 
-DUO_ATTENTION = "kvtool_duo"
 PRESETS = {
     # What the paper/public code runs (hours on GPUs for a 7B model).
     "paper": {},
@@ -286,62 +281,13 @@ class Duo:
         return step, tensors["history"].tolist()
 
 
-class _DuoState:
-    """What the duo attention function needs: gates, windows, mode, and the teacher's per-layer full outputs."""
-
-    def __init__(self, gates, dims: Dims, sink: int, recent: int, full_branch: str):
-        self.gates, self.dims, self.sink, self.recent, self.full_branch = gates, dims, sink, recent, full_branch
-        self.mode = "teacher"
-        self.teacher: dict[int, torch.Tensor] = {}
-        self._masks: dict[tuple, torch.Tensor] = {}
-
-    def streaming_mask(self, t: int, s: int, device) -> torch.Tensor:
-        """Λ mask [1, 1, T, S] (True = attend): causal, and key in the first `sink` or the last `recent` tokens."""
-        key = (t, s, str(device))
-        if key not in self._masks:
-            qpos, kpos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
-            self._masks[key] = window_allowed(qpos, kpos, self.sink, self.recent).view(1, 1, t, s)
-        return self._masks[key]
+# The gated attention function and its state live with every other attention registration in kvtool/attention.py.
+_DuoState = DuoState
 
 
-_ACTIVE: list[_DuoState] = []
-
-
-def duo_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Teacher: plain sdpa (output kept). Student: α·full + (1 − α)·streaming per KV head (out: [B, T, H_q, D])."""
-    state = _ACTIVE[-1]
-    layer = module.layer_idx
-    if state.mode == "teacher":
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        if state.full_branch == "teacher":
-            state.teacher[layer] = out.detach()
-        return out, None
-    lam = state.streaming_mask(query.shape[2], key.shape[2], query.device)
-    mask = lam if attention_mask is None else (attention_mask.bool() & lam)
-    stream, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
-    if state.full_branch == "teacher":
-        full = state.teacher[layer]
-    else:
-        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    alpha = state.gates[layer].clamp(0, 1).repeat_interleave(state.dims.group).view(1, 1, -1, 1)   # [1, 1, H_q, 1]
-    return alpha * full + (1 - alpha) * stream, None
-
-
-AttentionInterface.register(DUO_ATTENTION, duo_attention)
-AttentionMaskInterface.register(DUO_ATTENTION, sdpa_mask)
-
-
-@contextmanager
-def _duo_attention(model, state: _DuoState):
+def _duo_attention(model, state: DuoState):
     """The model runs with the duo attention function; restored afterwards (also on errors)."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(DUO_ATTENTION)
-    _ACTIVE.append(state)
-    try:
-        yield
-    finally:
-        _ACTIVE.remove(state)
-        model.set_attn_implementation(previous)
+    return switched(model, DUO_ATTENTION, DUO_STATES, state)
 
 
 # -- contract (calibrate.contract): options, sections, summary --------------------------------------------------------

@@ -1,5 +1,16 @@
-"""The "kvtool" attention: transformers' attention function and mask hook for a `CompressedCache`, registered here
-(AttentionInterface / AttentionMaskInterface) and nowhere else.
+"""Every attention function and mask hook kvtool registers with transformers (AttentionInterface /
+AttentionMaskInterface), here and nowhere else:
+
+* "kvtool": the runtime's attention over a `CompressedCache` (below);
+* "kvtool_trace": the trace's exact sdpa with statistics on the side (`trace_attention`, fed to kvtool.trace's
+  observers through `TRACE_OBSERVERS`);
+* "kvtool_duo": DuoAttention's gated full/streaming mix used to train the gates (`duo_attention`, `DuoState`; used
+  by calibrate/duo.py).
+
+A low module: it imports nothing from the runtime's stores or cache, nor from calibrate/ (the "kvtool" function reads
+a layer through the object the cache tags its keys with).
+
+The "kvtool" attention:
 
 At each attention call a layer of the cache holds the new chunk's exact keys/values (`StoreLayer.pending`). For every
 group of KV heads, its store gives a partial result over what it holds plus the new chunk read exactly (so a chunk's
@@ -11,13 +22,19 @@ working with a DynamicCache or no cache.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvtool.errors import KvtoolError
+from kvtool.windows import window_allowed
 
 KVTOOL_ATTENTION = "kvtool"
+TRACE_ATTENTION = "kvtool_trace"
+DUO_ATTENTION = "kvtool_duo"
 
 
 def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -37,22 +54,46 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention of query [B, H_q, t, D] over a StoreLayer's stores → [B, t, H_q, D] in query.dtype."""
     b, hq, t, d = query.shape
     k, v, pos = layer.pending                                            # [B, H_kv, t, D] ×2, [t]
-    out = query.new_empty(b, t, hq, d)
+    groups = layer.groups
+    out = None if len(groups) == 1 and groups[0].q_heads is None else query.new_empty(b, t, hq, d)
     fused = t == 1 and layer.backend == "cupy"
-    for group in layer.groups:
-        store, q = group.store, query if group.q_heads is None else query[:, group.q_heads]
-        kn = k if group.kv_heads is None else k[:, group.kv_heads]
-        vn = v if group.kv_heads is None else v[:, group.kv_heads]
-        dst = slice(None) if group.q_heads is None else group.q_heads
+    for group in groups:
+        store = group.store
+        q_sel, kv_sel = _selectors(group)                                # slices where the heads are a range
+        q = query[:, q_sel]
+        kn, vn = k[:, kv_sel], v[:, kv_sel]
         if fused and getattr(store, "fused_ok", lambda: False)() and fused_shapes_ok(store, d):
             store.append(kn, vn, pos)
-            out[:, 0, dst] = store.fused_decode(q[:, :, 0], scaling).to(out.dtype)
-            continue
-        o, _ = store.attend(q, pos, scaling, new=(kn, vn))                # [B, h·G, t, D] float32
-        store.append(kn, vn, pos)
-        out[:, :, dst] = o.transpose(1, 2).to(out.dtype)
+            o = store.fused_decode(q[:, :, 0], scaling).unsqueeze(1)    # [B, 1, h·G, D]
+        else:
+            o, _ = store.attend(q, pos, scaling, new=(kn, vn))            # [B, h·G, t, D] float32
+            store.append(kn, vn, pos)
+            o = o.transpose(1, 2)
+        if out is None:                                                  # one store over every head
+            out = o.to(query.dtype).contiguous()
+        else:
+            out[:, :, q_sel] = o
     layer.pending = None
     return out
+
+
+def _selectors(group) -> tuple:
+    """(query heads, KV heads) of a HeadGroup as indices for `x[:, sel]`: a slice when the heads are consecutive (a
+    view instead of a gather), else the index tensor; computed once per group."""
+    sel = getattr(group, "_selectors", None)
+    if sel is None:
+        sel = (_as_index(group.q_heads), _as_index(group.kv_heads))
+        group._selectors = sel
+    return sel
+
+
+def _as_index(heads: torch.Tensor | None):
+    if heads is None:
+        return slice(None)
+    first = int(heads[0]) if len(heads) else 0
+    if torch.equal(heads.cpu(), torch.arange(first, first + len(heads))):
+        return slice(first, first + len(heads))
+    return heads
 
 
 def fused_shapes_ok(store, head_dim: int) -> bool:
@@ -73,10 +114,84 @@ def kvtool_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **k
     return None
 
 
-AttentionInterface.register(KVTOOL_ATTENTION, kvtool_attention)
-AttentionMaskInterface.register(KVTOOL_ATTENTION, kvtool_mask)
-
-
 def use_kvtool_attention(model) -> None:
     """Switch `model` to the kvtool attention (needed with a CompressedCache)."""
     model.set_attn_implementation(KVTOOL_ATTENTION)
+
+
+# -- the trace's attention (kvtool.trace) ------------------------------------------------------------------------
+TRACE_OBSERVERS: list = []   # observers with observe_attention(module, query, key, value, mask, scaling, softcap)
+
+
+def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Exact sdpa output; the innermost active observer (kvtool.trace.observing) sees the inputs on the side."""
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if TRACE_OBSERVERS:
+        TRACE_OBSERVERS[-1].observe_attention(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    return out
+
+
+# -- DuoAttention's gated attention (calibrate/duo.py, arXiv 2410.10819) ----------------------------------------
+class DuoState:
+    """What the duo attention function needs: gates [L, H_kv], `dims` (anything with .group, e.g. kvtool.trace.Dims),
+    the training windows, the mode ("teacher" | "student"), and the teacher's per-layer full outputs."""
+
+    def __init__(self, gates, dims, sink: int, recent: int, full_branch: str):
+        self.gates, self.dims, self.sink, self.recent, self.full_branch = gates, dims, sink, recent, full_branch
+        self.mode = "teacher"
+        self.teacher: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def streaming_mask(self, t: int, s: int, device) -> torch.Tensor:
+        """Λ mask [1, 1, T, S] (True = attend): causal, and key in the first `sink` or the last `recent` tokens."""
+        key = (t, s, str(device))
+        if key not in self._masks:
+            qpos, kpos = torch.arange(s - t, s, device=device), torch.arange(s, device=device)
+            self._masks[key] = window_allowed(qpos, kpos, self.sink, self.recent).view(1, 1, t, s)
+        return self._masks[key]
+
+
+DUO_STATES: list[DuoState] = []
+
+
+def duo_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Teacher: plain sdpa (output kept). Student: α·full + (1 − α)·streaming per KV head (out: [B, T, H_q, D])."""
+    state = DUO_STATES[-1]
+    layer = module.layer_idx
+    if state.mode == "teacher":
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if state.full_branch == "teacher":
+            state.teacher[layer] = out.detach()
+        return out, None
+    lam = state.streaming_mask(query.shape[2], key.shape[2], query.device)
+    mask = lam if attention_mask is None else (attention_mask.bool() & lam)
+    stream, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+    if state.full_branch == "teacher":
+        full = state.teacher[layer]
+    else:
+        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    alpha = state.gates[layer].clamp(0, 1).repeat_interleave(state.dims.group).view(1, 1, -1, 1)   # [1, 1, H_q, 1]
+    return alpha * full + (1 - alpha) * stream, None
+
+
+@contextmanager
+def switched(model, name: str, stack: list, item):
+    """Run `model` with the registered attention `name`, `item` on top of `stack` (TRACE_OBSERVERS or DUO_STATES);
+    the model's previous attention is restored afterwards (also on errors)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    stack.append(item)
+    try:
+        yield
+    finally:
+        stack.remove(item)
+        model.set_attn_implementation(previous)
+
+
+# -- registration with transformers: the only place -------------------------------------------------------------
+AttentionInterface.register(KVTOOL_ATTENTION, kvtool_attention)
+AttentionMaskInterface.register(KVTOOL_ATTENTION, kvtool_mask)
+AttentionInterface.register(TRACE_ATTENTION, trace_attention)
+AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
+AttentionInterface.register(DUO_ATTENTION, duo_attention)
+AttentionMaskInterface.register(DUO_ATTENTION, sdpa_mask)

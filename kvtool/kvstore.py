@@ -49,15 +49,15 @@ class RopeTable:
 
     def rotate_rows(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """`rotate` for float32 x [..., T, D] without rotate_half's concatenation: with halves x0, x1,
-        out0 = x0·cos0 − x1·sin0 and out1 = x1·cos1 + x0·sin1 (the sign lives in the cached signed-sin table)."""
+        out0 = x0·cos0 − x1·sin0 and out1 = x1·cos1 + x0·sin1 (the sign lives in the cached signed-sin table):
+        one full-width x·cos, then the two half-width sin terms added in place."""
         n, d = x.shape[-2], x.shape[-1]
         cos, _ = self.get(start, start + n, x.device)
         sin = self.sin_signed[start:start + n]
         h = d // 2
-        x0, x1 = x[..., :h], x[..., h:]
-        out = torch.empty_like(x)
-        torch.mul(x0, cos[:, :h], out=out[..., :h]).addcmul_(x1, sin[:, :h])
-        torch.mul(x1, cos[:, h:], out=out[..., h:]).addcmul_(x0, sin[:, h:])
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[:, :h])
+        out[..., h:].addcmul_(x[..., :h], sin[:, h:])
         return out
 
     def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:

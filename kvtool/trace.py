@@ -1,7 +1,8 @@
 """One-pass, O(n)-memory attention trace.
 
 A registered attention function (`"kvtool_trace"` in transformers' `AttentionInterface`, with the sdpa mask in
-`ALL_MASK_ATTENTION_FUNCTIONS`) returns the exact sdpa output and, on the side, feeds `TraceStats`:
+`ALL_MASK_ATTENTION_FUNCTIONS`; both registered in kvtool/attention.py) returns the exact sdpa output and, on the
+side, feeds `TraceStats`:
 
 * attention rows of a *sample of queries*, computed in chunks of `chunk` rows — the full n×n matrix never exists:
   - evenly spaced queries at positions >= sink + recent (where a streaming head would drop something):
@@ -24,14 +25,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvtool.attention import TRACE_ATTENTION, TRACE_OBSERVERS, switched
 from kvtool.errors import KvtoolError
 from kvtool.stats import ChannelRange, Mean, Moments
 
-TRACE_ATTENTION = "kvtool_trace"
 DEFAULT_QUANTILES = (0.001, 0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.995, 0.999)
 
 
@@ -396,40 +394,20 @@ class RowMaker:
         return torch.softmax(scores, -1)
 
 
-# -- registration with transformers -----------------------------------------------------------------------------
-_ACTIVE: list = []   # observers with observe_attention(module, query, key, value, mask, scaling, softcap)
-
-
-def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The registered attention function: exact sdpa output, statistics on the side."""
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if _ACTIVE:
-        _ACTIVE[-1].observe_attention(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
-    return out
-
-
-AttentionInterface.register(TRACE_ATTENTION, trace_attention)
-AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
-
-
 @contextmanager
 def observing(model, observer, pre_rope_key=None):
     """Run `model` with the trace attention feeding `observer`; optionally hook pre-RoPE keys into
     `pre_rope_key(module, output)`. Restores the model's attention implementation and removes hooks afterwards."""
     modules = attention_modules(model)
-    previous = model.config._attn_implementation
     handles = []
     if pre_rope_key is not None:
         for mod in modules:
             src = getattr(mod, "k_norm", None) or mod.k_proj
             handles.append(src.register_forward_hook(lambda m, i, o, mod=mod: pre_rope_key(mod, o)))
-    model.set_attn_implementation(TRACE_ATTENTION)
-    _ACTIVE.append(observer)
     try:
-        yield
+        with switched(model, TRACE_ATTENTION, TRACE_OBSERVERS, observer):
+            yield
     finally:
-        _ACTIVE.remove(observer)
-        model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
 

@@ -1,6 +1,6 @@
 """Layering: the runtime (stores, attention, cache and what they import) never imports calibrate/, and calibrate/
 never imports the runtime modules; what both need lives in low modules (kvtool.windows, kvtool.select, kvtool.trace,
-kvtool.sections). Checked on the source's import statements (module level and inside functions)."""
+kvtool.sections, kvtool.attention: every registered attention function, which imports none of the runtime's modules). Checked on the source's import statements (module level and inside functions)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ["kvtool/stores/*.py", "kvtool/cache.py", "kvtool/attention.py", "kvtool/kvstore.py", "kvtool/policy.py",
            "kvtool/quant_setup.py", "kvtool/quant.py", "kvtool/windows.py", "kvtool/select.py", "kvtool/sections.py"]
-RUNTIME_MODULES = ("kvtool.cache", "kvtool.attention", "kvtool.stores", "kvtool.kvstore", "kvtool.quant_setup",
+RUNTIME_MODULES = ("kvtool.cache", "kvtool.stores", "kvtool.kvstore", "kvtool.quant_setup",
                    "kvtool.api", "kvtool.cli", "kvtool.cli_run", "kvtool.evaluate", "kvtool.baselines")
 
 
@@ -43,10 +43,51 @@ def test_calibrate_never_imports_the_runtime():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-def test_the_attention_is_registered_in_one_module():
-    hits = [p.relative_to(ROOT) for p in files(["kvtool/*.py", "kvtool/stores/*.py"])
-            if "AttentionInterface.register(KVTOOL_ATTENTION" in p.read_text()]
-    assert [str(h) for h in hits] == ["kvtool/attention.py"]
+def registrations(path: Path) -> list[str]:
+    """Calls `<X>Interface.register(...)` / `<X>Interface.__setitem__` (AttentionInterface, AttentionMaskInterface,
+    any alias or the global mappings ALL_*_FUNCTIONS) in a file's source."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("register", "__setitem__", "update"):
+            target = ast.unparse(node.func.value)
+            if "Interface" in target or "ALL_" in target:
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Assign):                      # ALL_ATTENTION_FUNCTIONS["x"] = f
+            for t in node.targets:
+                name = ast.unparse(t.value) if isinstance(t, ast.Subscript) else ""
+                if "Interface" in name or "ALL_" in name:
+                    found.append(ast.unparse(node))
+    return found
+
+
+def test_every_attention_registration_is_in_one_module():
+    """kvtool/attention.py registers the runtime's, the trace's and duo's attention functions and mask hooks; no
+    other source file registers any."""
+    hits = {str(p.relative_to(ROOT)): registrations(p)
+            for p in files(["kvtool/*.py", "kvtool/stores/*.py", "calibrate/*.py", "cupy_kernels/*.py",
+                            "benchmarks/*.py"])}
+    assert {k: v for k, v in hits.items() if v and k != "kvtool/attention.py"} == {}
+    mine = hits["kvtool/attention.py"]
+    for name in ("KVTOOL_ATTENTION", "TRACE_ATTENTION", "DUO_ATTENTION"):
+        assert f"AttentionInterface.register({name}" in " ".join(mine)
+        assert f"AttentionMaskInterface.register({name}" in " ".join(mine)
+
+
+def test_the_registration_check_would_fail(tmp_path):
+    """The check above sees a registration written the ways transformers allows."""
+    src = tmp_path / "x.py"
+    src.write_text("from transformers import AttentionInterface\nAttentionInterface.register('a', f)\n"
+                   "ALL_MASK_ATTENTION_FUNCTIONS['b'] = g\n")
+    assert len(registrations(src)) == 2
+
+
+def test_the_attention_module_is_low():
+    """kvtool/attention.py, which calibrate/duo.py and kvtool.trace use, imports no runtime module nor calibrate/."""
+    bad = sorted(m for m in imports(ROOT / "kvtool/attention.py")
+                 if m.startswith(RUNTIME_MODULES + ("kvtool.trace", "kvtool.policy", "calibrate")))
+    assert not bad, f"kvtool/attention.py imports {bad}"
+    assert "kvtool.attention" not in RUNTIME_MODULES
 
 
 def test_copy_score_and_retrieval_method_no_longer_share_a_name():

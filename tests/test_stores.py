@@ -314,3 +314,26 @@ def test_quantized_blocked_read_every_format(kb, vb, rope, outliers, codebook):
             want = table.rotate(want, blk.start)
         torch.testing.assert_close(store.block_keys(blk), want, atol=1e-5, rtol=0)
     assert math.isfinite(store.nbytes())
+
+
+@pytest.mark.parametrize("bits,vgroup,rope", [(4, 8, False), (4, 8, True), (2, 8, True), (8, 16, False), (4, 4, False)])
+def test_decode_step_equals_whole_read_plus_new(bits, vgroup, rope):
+    """QuantizedStore's decode step (one query after every held token: one softmax over body blocks | sink | buffer |
+    the new token) equals plain attention over the store read whole plus the new token read exactly, over several
+    body blocks, with and without pre-RoPE keys."""
+    from kvtool.stores.quantized import unpack_float
+
+    q, k, v = _keys(4)
+    r = _rope() if rope else None
+    kf = _key_format(r.unrotate(k, 0) if rope else k, bits, rope=r)
+    store = QuantizedStore(bits, bits, 2, 3, torch.float32, kf, ValueFormat(bits, vgroup, None), block=8)
+    store.append(k[:, :, :T - 1], v[:, :, :T - 1], torch.arange(T - 1))
+    assert len(store.blocks) > 2
+    new = (k[:, :, T - 1:], v[:, :, T - 1:])
+    got, lse = store.attend(q[:, :, T - 1:], torch.tensor([T - 1]), 0.25, new=new)
+    kk, vv, _ = store.read()
+    ref, ref_lse = partial(q[:, :, T - 1:], torch.cat([kk, new[0]], 2), torch.cat([vv, new[1]], 2), 0.25)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    codes = torch.randint(0, 2 ** bits, (3, 5, 16), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    assert torch.equal(unpack_float(quant.pack(codes, bits), bits), codes.float())

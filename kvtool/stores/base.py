@@ -128,6 +128,14 @@ def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def cat_float(sink: torch.Tensor, held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """sink | held tokens (16-bit) | the new tokens read exactly → float32 [B, h, ·, D] along dim 2: one cat when `new`
+    is float32 (the 16-bit parts are promoted exactly), else the 16-bit parts and `new` are each made float32."""
+    if new.dtype == torch.float32:
+        return torch.cat([sink, held, new], 2)
+    return torch.cat([torch.cat([sink, held], 2).float(), new.float()], 2)
+
+
 def attend_sixteen_bit(store, q: torch.Tensor, qpos: torch.Tensor, scaling: float, new, parts: list) -> tuple:
     """Finish `attend` of a store laid out as 16-bit sink | body | 16-bit buffer (quantized, lowrank): add the partial
     over its 16-bit sink and buffer (+ `new`, the chunk's own k, v, read exactly) to `parts`, the body's partials, and
@@ -135,8 +143,8 @@ def attend_sixteen_bit(store, q: torch.Tensor, qpos: torch.Tensor, scaling: floa
     t = q.shape[2]
     if new is not None and t == 1 and len(store) and int(qpos[0]) >= store.seen:
         # a decode step: every held token and the new one are visible; one 16-bit part, no mask
-        k = torch.cat([torch.cat([store.sink_k, store.buf_k], 2).float(), new[0].float()], 2)
-        v = torch.cat([torch.cat([store.sink_v, store.buf_v], 2).float(), new[1].float()], 2)
+        k = cat_float(store.sink_k, store.buf_k, new[0])
+        v = cat_float(store.sink_v, store.buf_v, new[1])
         parts.append(partial(q, k, v, scaling))
         return merge(parts)
     ks, vs, kpos = [], [], []

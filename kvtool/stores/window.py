@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvtool.policy import _count, register_field, simple
-from kvtool.stores.base import Store, empty_partial, partial, register, tensor_bytes
+from kvtool.stores.base import Store, cat_float, empty_partial, partial, register, tensor_bytes
 from kvtool.windows import window_allowed
 
 register_field(
@@ -85,8 +85,8 @@ class WindowStore(Store):
             drop = max(0, 0 if self.recent_k is None else self.recent_k.shape[2] - (self.n_recent - 1))
             if self.sink_k is None:
                 return partial(q, new[0], new[1], scaling)
-            k = torch.cat([torch.cat([self.sink_k, self.recent_k[:, :, drop:]], 2).float(), new[0].float()], 2)
-            v = torch.cat([torch.cat([self.sink_v, self.recent_v[:, :, drop:]], 2).float(), new[1].float()], 2)
+            k = cat_float(self.sink_k, self.recent_k[:, :, drop:], new[0])
+            v = cat_float(self.sink_v, self.recent_v[:, :, drop:], new[1])
             return partial(q, k, v, scaling)
         parts_k, parts_v, kpos = [], [], []
         if len(self):
