@@ -79,6 +79,7 @@ class StoreLayer(CacheLayerMixin):
         self.groups, self.is_sliding, self.backend = groups, sliding, backend
         self.seen = 0                                                      # tokens seen, not tokens held
         self.pending = None                                                # (k, v, pos) of the last update
+        self.uncropped = False                                             # an update since the last crop
 
     @property
     def stores(self) -> list[Store]:
@@ -97,6 +98,12 @@ class StoreLayer(CacheLayerMixin):
             raise KvtoolError(f"the model runs the {cfg._attn_implementation!r} attention, which cannot read a "
                               "CompressedCache (it was switched after the cache was built): call "
                               "kvtool.use_kvtool_attention(model) before using the cache again")
+        if self.uncropped and self.record_past:
+            # two forwards without a crop between: no speculative loop runs (any more); free what recording kept
+            self.record_past = False
+            for s in self.stores:
+                s.crop(self.seen)
+        self.uncropped = True
         held = self.held_batch
         if held is not None and key_states.shape[0] != held:
             raise KvtoolError(f"the cache holds {held} sequence(s) but this call brings {key_states.shape[0]}; a "
@@ -115,16 +122,21 @@ class StoreLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv_length, kv_offset); transformers before 5.2x passes cache_position [t] instead of the length t."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length                                  # its name before transformers 5.2x
+
     def reset(self) -> None:
         for s in self.stores:
             s.reset()
-        self.pending = None
+        self.pending, self.uncropped = None, False
         self.seen, self.is_initialized = 0, False
 
     # ---- generate's batch and rollback calls (transformers' Cache API) ------------------------------------------
@@ -166,8 +178,9 @@ class StoreLayer(CacheLayerMixin):
 
     def activate_past_recording(self) -> None:
         """Called by generate before assisted decoding: window and sliding stores keep the tokens they would free
-        until the next `crop`, so rejected draft tokens can be dropped exactly."""
-        self.record_past = True
+        until the next `crop`, so rejected draft tokens can be dropped exactly. Speculative decoding crops after
+        every forward; a second forward without a crop ends the recording (and frees what it kept)."""
+        self.record_past, self.uncropped = True, False
 
     @property
     def record_past(self) -> bool:
@@ -201,7 +214,7 @@ class StoreLayer(CacheLayerMixin):
             raise KvtoolError(f"cannot drop {self.seen - end} token(s) from the cache: {reason}")
         for s in self.stores:
             s.crop(end)
-        self.seen, self.pending = end, None
+        self.seen, self.pending, self.uncropped = end, None, False
 
 
 def _q_index(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
@@ -366,14 +379,17 @@ class CompressedCache(Cache):
             layer.crop(tokens_to_remove)
 
     def activate_past_recording(self) -> None:
-        """generate calls this before assisted / prompt-lookup decoding; refused when a store can never drop
-        tokens (policy pod)."""
+        """generate calls this before assisted / prompt-lookup decoding (transformers 5.2x; on older 5.x call it
+        yourself before such a generate, or a window store refuses the first crop past its window): window and
+        sliding stores then keep the tokens they would free until the next crop. Refused when a store can never
+        drop tokens (policy pod)."""
         for layer in self.layers:
             for s in layer.stores:
                 reason = s.rollback_refusal()
                 if reason:
                     raise KvtoolError(f"assisted and prompt-lookup decoding are not supported by this cache: {reason}")
-        super().activate_past_recording()
+        for layer in self.layers:
+            layer.activate_past_recording()
 
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization

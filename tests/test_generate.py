@@ -83,16 +83,26 @@ def check(model, profile, ids, seed=None, draft=None, **kw):
     which has no cache, runs plain greedy)."""
     draft = draft or {}
     ref = gen(model, ids, seed=seed, **kw, **draft)
-    assert torch.equal(gen(model, ids, CompressedCache(model, None, LOSSLESS), seed=seed, **kw, **draft), ref)
-    split = CompressedCache(model, None, SPLIT)
+    assert torch.equal(gen(model, ids, speculative(CompressedCache(model, None, LOSSLESS), draft), seed=seed, **kw,
+                           **draft), ref)
+    split = speculative(CompressedCache(model, None, SPLIT), draft)
     got = gen(model, ids, split, seed=seed, **kw, **draft)
     assert torch.equal(got, oracle_gen(model, ids, split, seed=seed, **kw))
     kw.update(draft)
-    quant = CompressedCache(model, profile, QUANT)
+    quant = speculative(CompressedCache(model, profile, QUANT), draft)
     out = gen(model, ids, quant, seed=seed, **kw)
     assert out.shape == ref.shape and torch.equal(out[:, :ids.shape[1]], ids.expand(out.shape[0], -1))
     assert quant.nbytes() < quant.full_nbytes(torch.float32)
     return quant, out
+
+
+def speculative(cache: CompressedCache, kw: dict) -> CompressedCache:
+    """transformers before 5.2x does not tell the cache that a speculative generate starts: do it by hand there."""
+    import transformers
+
+    if kw and not hasattr(transformers.Cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
 
 
 def test_greedy(model, profile):
@@ -121,9 +131,12 @@ def test_assisted_decoding(model, profile):
     draft = tiny_model("gqa", seed=1, layers=1)
     draft.generation_config.num_assistant_tokens = 4
     check(model, profile, prompt(), do_sample=False, draft={"assistant_model": draft})
-    split = CompressedCache(model, None, SPLIT)
-    gen(model, prompt(), split, do_sample=False, assistant_model=draft)
-    assert all(len(s) <= 4 + 16 for layer in split.layers for s in layer.stores if s.name == "window")
+    split = speculative(CompressedCache(model, None, SPLIT), {"assistant_model": draft})
+    out = gen(model, prompt(), split, do_sample=False, assistant_model=draft)
+    windows = [s for layer in split.layers for s in layer.stores if s.name == "window"]
+    assert windows and all(len(s) <= 4 + 16 for s in windows)          # the last crop trimmed the window
+    gen(model, out, split, do_sample=False)                             # a plain turn after it: recording ends
+    assert all(len(s) <= 4 + 16 and not s.record_past for s in windows)
 
 
 def test_prompt_lookup_decoding(model, profile):
@@ -263,3 +276,24 @@ def test_store_crop(name):
         assert torch.equal(a, b)
     qpos = torch.tensor([31])
     torch.testing.assert_close(store.attend(q, qpos, 0.25)[0], ref.attend(q, qpos, 0.25)[0], atol=1e-6, rtol=0)
+
+
+def test_our_calls_pass_the_cache_keyword_transformers_expects(model, profile):
+    """kvtool's own calls (prefill, the run tasks' forward passes, generate through with_cache) raise no deprecation
+    warning of the installed transformers: `cache=` where it renamed `past_key_values=`, the old name before."""
+    import inspect
+
+    from kvtool.cache import prefill
+    from kvtool.evaluate import run_nll
+
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert list(with_cache(model, None)) == [name]
+    ids = prompt()
+    samples = [(ids[0, :40], ids[0, 40:])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for cache in (DynamicCache(config=model.config), CompressedCache(model, profile, QUANT)):
+            prefill(model, ids, cache, chunk=16)
+        for spec in ("full", QUANT):
+            assert run_nll(model, samples, spec, profile, chunk=16, decode_steps=2).nll > 0
