@@ -10,7 +10,10 @@ from `layers.pod.*` get `SharedStore`s: the group's leader keeps distant tokens'
 (built by `_shared_banks`) that its later layers read. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
 The "kvtool" attention (kvtool/attention.py) reads the stores through the key tensor that `update()` returns (it
 carries its layer) and merges their partial results by log-sum-exp. Batch size 1 or an unpadded batch (a padded one
-is refused).
+is refused). For generate's strategies the layers implement transformers' batch and rollback calls: beam search's
+`reorder_cache` and the batch selections (each store reindexes its rows), and assisted / prompt-lookup decoding's
+`crop` of rejected draft tokens, exact for what the stores still hold and refused in one line otherwise
+(docs/runtime.md, "Generate strategies").
 """
 
 from __future__ import annotations
@@ -71,8 +74,6 @@ class HeadGroup:
 class StoreLayer(CacheLayerMixin):
     """One layer: its stores, each over a group of KV heads. `update()` keeps the new tokens (exact) until the
     attention call, which reads them exactly and then appends them to the stores (kvtool.attention.attend_layer)."""
-
-    is_croppable = False
 
     def __init__(self, groups: list[HeadGroup], sliding: bool = False, backend: str = "torch"):
         super().__init__()
@@ -398,13 +399,15 @@ class CompressedCache(Cache):
 
     def full_nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """What transformers' DynamicCache of this model would hold for the tokens seen, in `dtype`: every token for
-        full-attention layers, at most `sliding_window - 1` tokens for the model's own sliding-window layers."""
+        full-attention layers, at most `sliding_window - 1` tokens for the model's own sliding-window layers, for
+        each sequence of the batch held (beams, num_return_sequences)."""
         d = self.dims
         item = torch.empty(0, dtype=dtype).element_size()
         seen = self.get_seq_length()
         tokens = sum(min(seen, self.window - 1) if self.sliding and self.sliding[i] else seen
                      for i in range(d.layers))
-        return 2 * d.kv_heads * tokens * d.head_dim * item
+        batch = next((b for b in (layer.held_batch for layer in self.layers) if b), 1)
+        return 2 * d.kv_heads * tokens * d.head_dim * item * batch
 
 
 def _profile_method(profile) -> str | None:

@@ -21,7 +21,7 @@ from conftest import VOCAB, needle_sample, tiny_model
 from kvtool.api import profile_model
 from kvtool.cache import CompressedCache, with_cache
 from kvtool.errors import KvtoolError
-from kvtool.stores import STORES, Store
+from kvtool.stores import STORES, SharedKeys, SharedStore, Store
 from kvtool.trace import Dims, TraceConfig
 from test_stores import CASES, D, G, H, T
 
@@ -169,6 +169,20 @@ def test_multi_turn_reuse_of_one_cache(model, profile):
         model.generate(torch.cat([second, more], 1), max_new_tokens=2, **with_cache(model, quant))
 
 
+def test_batch_repeat_on_a_filled_cache(model, profile):
+    """num_return_sequences on a cached prompt: batch_repeat_interleave(n) repeats the held rows first."""
+    ids, more = prompt(40), torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    outs = []
+    for make in (lambda: DynamicCache(config=model.config), lambda: CompressedCache(model, None, LOSSLESS),
+                 lambda: CompressedCache(model, profile, QUANT)):
+        cache = make()
+        first = gen(model, ids, cache, do_sample=False)
+        cache.batch_repeat_interleave(2)
+        outs.append(gen(model, torch.cat([first, more], 1).repeat(2, 1), cache, seed=7, do_sample=True))
+    assert torch.equal(outs[1], outs[0]) and outs[2].shape == outs[0].shape == (2, 40 + NEW + 6 + NEW)
+    assert outs[0][0].tolist() != outs[0][1].tolist()                    # two samples, not one row twice
+
+
 def test_text_generation_pipeline(model, profile):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, pipeline
@@ -200,6 +214,12 @@ def test_refusals_are_one_line(model, profile):
                                           r"would need token 41 back") as e:
         win.crop(-3)
     assert "\n" not in str(e.value) and [len(s) for layer in win.layers for s in layer.stores] == held
+    pod = CompressedCache(model, None, LOSSLESS)                          # a PoD store cannot roll back at all
+    pod.layers[1].groups[0].store = SharedStore(SharedKeys(1, torch.arange(2), 4, torch.float32), True, 4, 16,
+                                                torch.float32)
+    with pytest.raises(KvtoolError, match="assisted and prompt-lookup decoding are not supported by this cache: "
+                                          "policy pod"):
+        pod.activate_past_recording()
     quant = CompressedCache(model, profile, "heads=all,k=4,v=4,sink=4,buffer=0")
     gen(model, ids, quant, max_new_tokens=1)                              # 60 tokens: 4 sink, 56 quantized
     with pytest.raises(KvtoolError, match="drop 1 tokens but only its last 0 are still 16-bit"):
