@@ -143,6 +143,21 @@ def test_prompt_lookup_decoding(model, profile):
     check(model, profile, prompt(), do_sample=False, draft={"prompt_lookup_num_tokens": 3})
 
 
+@pytest.mark.parametrize("strategy", [{"num_beams": 3}, {"prompt_lookup_num_tokens": 3}])
+def test_sliding_window_layers(strategy):
+    """A model with its own sliding-window layers (window 24, prompt 48): beam search and prompt-lookup decoding
+    with the lossless policy give DynamicCache's beams / greedy tokens (its sliding layers keep their window,
+    reordered and rolled back like the rest)."""
+    sliding = tiny_model("sliding")
+    sliding.generation_config.eos_token_id = 2                         # as Llama's config has (transformers 5.0's
+    ids = prompt()                                                     # prompt lookup needs one)
+    # greedy prompt lookup = greedy (transformers 5.0's DynamicCache cannot roll back a sliding layer past its window)
+    ref = gen(sliding, ids, do_sample=False, **({} if "prompt_lookup_num_tokens" in strategy else strategy))
+    cache = speculative(CompressedCache(sliding, None, LOSSLESS), strategy)
+    assert torch.equal(gen(sliding, ids, cache, do_sample=False, **strategy), ref)
+    assert {len(s) for layer in cache.layers if layer.is_sliding for s in layer.stores} == {23}
+
+
 def test_multi_turn_reuse_of_one_cache(model, profile):
     """Turn 2 passes turn 1's output plus new tokens with the same cache: only the new tokens are run."""
     ids, more = prompt(40), torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
