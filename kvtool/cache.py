@@ -124,7 +124,7 @@ class StoreLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        """(kv_length, kv_offset); transformers before 5.2x passes cache_position [t] instead of the length t."""
+        """(kv_length, kv_offset); transformers 5.0 passes cache_position [t] instead of the length t."""
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
         return self.seen + query_length, 0
@@ -132,7 +132,7 @@ class StoreLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    get_max_cache_shape = get_max_length                                  # its name before transformers 5.2x
+    get_max_cache_shape = get_max_length                                  # the abstract name in transformers 5.0
 
     def reset(self) -> None:
         for s in self.stores:
@@ -194,7 +194,7 @@ class StoreLayer(CacheLayerMixin):
 
     def crop_end(self, tokens_to_remove: int) -> int:
         """The number of tokens left after crop(tokens_to_remove): negative removes that many, 0 removes none
-        (transformers 5.2x), positive is the length to keep (transformers 5.0's convention)."""
+        (transformers 5.24), positive is the length to keep (transformers 5.0's convention)."""
         if tokens_to_remove <= 0:
             return max(0, self.seen + tokens_to_remove)
         return min(self.seen, tokens_to_remove)
@@ -380,8 +380,8 @@ class CompressedCache(Cache):
             layer.crop(tokens_to_remove)
 
     def activate_past_recording(self) -> None:
-        """generate calls this before assisted / prompt-lookup decoding (transformers 5.2x; on older 5.x call it
-        yourself before such a generate, or a window store refuses the first crop past its window): window and
+        """generate calls this before assisted / prompt-lookup decoding (transformers 5.17 and 5.24 do; with 5.0
+        call it yourself before such a generate, or a window store refuses the first crop past its window): window and
         sliding stores then keep the tokens they would free until the next crop. Refused when a store can never
         drop tokens (policy pod)."""
         for layer in self.layers:

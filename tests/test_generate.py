@@ -97,7 +97,7 @@ def check(model, profile, ids, seed=None, draft=None, **kw):
 
 
 def speculative(cache: CompressedCache, kw: dict) -> CompressedCache:
-    """transformers before 5.2x does not tell the cache that a speculative generate starts: do it by hand there."""
+    """transformers 5.0 does not tell the cache that a speculative generate starts (5.17 does): do it by hand there."""
     import transformers
 
     if kw and not hasattr(transformers.Cache, "activate_past_recording"):
