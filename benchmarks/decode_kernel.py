@@ -196,11 +196,6 @@ def synthetic_profile(model, seq_len: int = 512):
     return kvtool.profile_model(model, [sample], config=TraceConfig(query_samples=16), name="synthetic")
 
 
-def _cache_kw(model) -> str:
-    """transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns): use what exists."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -210,21 +205,22 @@ def _cache_of(out):
 def decode_rate(model, make_cache, context: int, steps: int, batch: int) -> tuple[float, int]:
     """Greedy decode tokens/s (batch * steps / seconds) after a chunked prefill of `context` random tokens; also
     the bytes the cache holds at the end (-1 when it cannot say)."""
+    from kvtool.cache import with_cache                 # `cache=` or `past_key_values=`, as transformers names it
+
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
-    kw = _cache_kw(model)
     cache = make_cache()
     out = None
     for start in range(0, context, 512):
-        out = model(input_ids=ids[:, start:start + 512], use_cache=True, logits_to_keep=1, **{kw: cache})
+        out = model(input_ids=ids[:, start:start + 512], use_cache=True, logits_to_keep=1, **with_cache(model, cache))
         cache = _cache_of(out)
     nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(3):                                  # warm-up (compiles kernels on first use)
-        out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+        out = model(input_ids=nxt, use_cache=True, **with_cache(model, cache))
         nxt = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+        out = model(input_ids=nxt, use_cache=True, **with_cache(model, cache))
         nxt = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     rate = batch * steps / (time.perf_counter() - t)

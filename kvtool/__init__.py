@@ -25,6 +25,7 @@ def __getattr__(name):
         "summarize": ("kvtool.inspect", "summarize"),
         "CompressedCache": ("kvtool.cache", "CompressedCache"),
         "use_kvtool_attention": ("kvtool.cache", "use_kvtool_attention"),
+        "with_cache": ("kvtool.cache", "with_cache"),
         "calibrate": ("kvtool.api", "calibrate"),
     }
     if name in lazy:
@@ -36,5 +37,5 @@ def __getattr__(name):
 
 
 __all__ = ["KvtoolError", "load_model", "Profile", "load_samples", "passkey_samples", "profile_model",
-           "merge_profiles", "TraceConfig", "summarize", "CompressedCache", "use_kvtool_attention", "calibrate",
+           "merge_profiles", "TraceConfig", "summarize", "CompressedCache", "use_kvtool_attention", "with_cache", "calibrate",
            "__version__"]

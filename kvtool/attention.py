@@ -105,9 +105,10 @@ def fused_shapes_ok(store, head_dim: int) -> bool:
             and 8 <= group <= 256 and group & (group - 1) == 0)
 
 
-def kvtool_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+def kvtool_mask(*args, attention_mask=None, **kwargs):
     """The mask hook transformers calls for the "kvtool" attention: masks are built inside the stores from token
-    positions, so this returns None; a padding mask with any masked token is refused (one line, no wrong output)."""
+    positions, so this returns None; a padding mask with any masked token is refused (one line, no wrong output).
+    Its other arguments (sizes, offsets, cache_position) differ between transformers 5.x releases and are unused."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise KvtoolError("padded batches are not supported by the kvtool attention; batch prompts of equal length "
                           "without padding, or use batch size 1")

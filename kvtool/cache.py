@@ -11,7 +11,10 @@ from `layers.pod.*` get `SharedStore`s: the group's leader keeps distant tokens'
 (built by `_shared_banks`) that its later layers read. Dropped tokens are freed, not masked; `nbytes()` sums what the stores hold.
 The "kvtool" attention (kvtool/attention.py) reads the stores through the key tensor that `update()` returns (it
 carries its layer) and merges their partial results by log-sum-exp. Batch size 1 or an unpadded batch (a padded one
-is refused).
+is refused). For generate's strategies the layers implement transformers' batch and rollback calls: beam search's
+`reorder_cache` and the batch selections (each store reindexes its rows), and assisted / prompt-lookup decoding's
+`crop` of rejected draft tokens, exact for what the stores still hold and refused in one line otherwise
+(docs/runtime.md, "Generate strategies").
 """
 
 from __future__ import annotations
@@ -73,13 +76,12 @@ class StoreLayer(CacheLayerMixin):
     """One layer: its stores, each over a group of KV heads. `update()` keeps the new tokens (exact) until the
     attention call, which reads them exactly and then appends them to the stores (kvtool.attention.attend_layer)."""
 
-    is_croppable = False
-
     def __init__(self, groups: list[HeadGroup], sliding: bool = False, backend: str = "torch"):
         super().__init__()
         self.groups, self.is_sliding, self.backend = groups, sliding, backend
         self.seen = 0                                                      # tokens seen, not tokens held
         self.pending = None                                                # (k, v, pos) of the last update
+        self.uncropped = False                                             # an update since the last crop
 
     @property
     def stores(self) -> list[Store]:
@@ -93,6 +95,22 @@ class StoreLayer(CacheLayerMixin):
         """key_states, value_states: [B, H_kv, t, D] of the new tokens. Returns them tagged with this layer."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        cfg = getattr(self, "model_config", None)
+        if cfg is not None and cfg._attn_implementation != KVTOOL_ATTENTION:
+            raise KvtoolError(f"the model runs the {cfg._attn_implementation!r} attention, which cannot read a "
+                              "CompressedCache (it was switched after the cache was built): call "
+                              "kvtool.use_kvtool_attention(model) before using the cache again")
+        if self.uncropped and self.record_past:
+            # two forwards without a crop between: no speculative loop runs (any more); free what recording kept
+            self.record_past = False
+            for s in self.stores:
+                s.crop(self.seen)
+        self.uncropped = True
+        held = self.held_batch
+        if held is not None and key_states.shape[0] != held:
+            raise KvtoolError(f"the cache holds {held} sequence(s) but this call brings {key_states.shape[0]}; a "
+                              "cache continues the batch it was filled with (cache.batch_repeat_interleave(n) "
+                              "repeats it, e.g. for num_return_sequences on a cached prompt)")
         t = key_states.shape[2]
         pos = torch.arange(self.seen, self.seen + t, device=key_states.device)
         self.pending = (key_states, value_states, pos)
@@ -106,17 +124,99 @@ class StoreLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv_length, kv_offset); transformers 5.0 passes cache_position [t] instead of the length t."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length                                  # the abstract name in transformers 5.0
+
     def reset(self) -> None:
         for s in self.stores:
             s.reset()
-        self.pending = None
+        self.pending, self.uncropped = None, False
         self.seen, self.is_initialized = 0, False
+
+    # ---- generate's batch and rollback calls (transformers' Cache API) ------------------------------------------
+
+    @property
+    def held_batch(self) -> int | None:
+        """Sequences the stores hold (None before the first token)."""
+        for s in self.stores:
+            for name in ("sink_k", "k", "v"):
+                t = getattr(s, name, None)
+                if isinstance(t, torch.Tensor):
+                    return t.shape[0]
+        return None
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Keep batch rows idx [B'] (long) in every store, in that order (rows may repeat)."""
+        if self.held_batch is None:
+            return
+        idx = idx.long().view(-1)
+        for s in self.stores:
+            s.select_batch(idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues the beam beam_idx[i]."""
+        self.select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.held_batch is not None:
+            self.select_batch(torch.arange(self.held_batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        indices = torch.as_tensor(indices)
+        self.select_batch(indices.nonzero().view(-1) if indices.dtype == torch.bool else indices)
+
+    @property
+    def is_croppable(self) -> bool:                                       # type: ignore[override]
+        """Whether every store can drop tokens it still holds exactly (assisted / prompt-lookup decoding)."""
+        return all(s.rollback_refusal() is None for s in self.stores)
+
+    def activate_past_recording(self) -> None:
+        """Called by generate before assisted decoding: window and sliding stores keep the tokens they would free
+        until the next `crop`, so rejected draft tokens can be dropped exactly. Speculative decoding crops after
+        every forward; a second forward without a crop ends the recording (and frees what it kept)."""
+        self.record_past, self.uncropped = True, False
+
+    @property
+    def record_past(self) -> bool:
+        return any(s.record_past for s in self.stores)
+
+    @record_past.setter
+    def record_past(self, on: bool) -> None:
+        for s in self.stores:
+            s.record_past = bool(on)
+
+    def crop_end(self, tokens_to_remove: int) -> int:
+        """The number of tokens left after crop(tokens_to_remove): negative removes that many, 0 removes none
+        (transformers 5.24), positive is the length to keep (transformers 5.0's convention)."""
+        if tokens_to_remove <= 0:
+            return max(0, self.seen + tokens_to_remove)
+        return min(self.seen, tokens_to_remove)
+
+    def crop_refusal(self, end: int) -> str | None:
+        for s in self.stores:
+            reason = s.crop_refusal(end)
+            if reason:
+                return reason
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens (rejected draft tokens); refused (KvtoolError, nothing changed) when a store would
+        need tokens it has already freed or compressed. crop(0) trims what `record_past` kept."""
+        end = self.crop_end(tokens_to_remove)
+        reason = self.crop_refusal(end)
+        if reason:
+            raise KvtoolError(f"cannot drop {self.seen - end} token(s) from the cache: {reason}")
+        for s in self.stores:
+            s.crop(end)
+        self.seen, self.pending, self.uncropped = end, None, False
 
 
 def _q_index(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
@@ -184,6 +284,9 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         if model.config._attn_implementation != KVTOOL_ATTENTION:
             use_kvtool_attention(model)
+        text = model.config.get_text_config()
+        for layer in self.layers:
+            layer.model_config = text                                     # update() checks the attention is ours
 
     def _shared_banks(self, model, profile, dtype):
         """The PoD groups of policy `pod` (kvtool/stores/shared.py): (leader [L, H_kv] long, maps [L, H_kv, D, D] or
@@ -275,6 +378,30 @@ class CompressedCache(Cache):
         return StoreLayer([HeadGroup(s, None if every else h, None if every else _q_index(h, g)) for s, h in parts],
                           backend=self.backend)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens of every layer (assisted / prompt-lookup decoding's rejected drafts): all layers or
+        none (KvtoolError naming why, e.g. a window store already freed a token the shorter context needs)."""
+        for i, layer in enumerate(self.layers):
+            end = layer.crop_end(tokens_to_remove)
+            reason = layer.crop_refusal(end)
+            if reason:
+                raise KvtoolError(f"cannot drop {layer.seen - end} token(s) from the cache (layer {i}): {reason}")
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def activate_past_recording(self) -> None:
+        """generate calls this before assisted / prompt-lookup decoding (transformers 5.17 and 5.24 do; with 5.0
+        call it yourself before such a generate, or a window store refuses the first crop past its window): window and
+        sliding stores then keep the tokens they would free until the next crop. Refused when a store can never
+        drop tokens (policy pod)."""
+        for layer in self.layers:
+            for s in layer.stores:
+                reason = s.rollback_refusal()
+                if reason:
+                    raise KvtoolError(f"assisted and prompt-lookup decoding are not supported by this cache: {reason}")
+        for layer in self.layers:
+            layer.activate_past_recording()
+
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization
         constants (key ranges, codebooks) that reading the cache needs."""
@@ -282,13 +409,15 @@ class CompressedCache(Cache):
 
     def full_nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """What transformers' DynamicCache of this model would hold for the tokens seen, in `dtype`: every token for
-        full-attention layers, at most `sliding_window - 1` tokens for the model's own sliding-window layers."""
+        full-attention layers, at most `sliding_window - 1` tokens for the model's own sliding-window layers, for
+        each sequence of the batch held (beams, num_return_sequences)."""
         d = self.dims
         item = torch.empty(0, dtype=dtype).element_size()
         seen = self.get_seq_length()
         tokens = sum(min(seen, self.window - 1) if self.sliding and self.sliding[i] else seen
                      for i in range(d.layers))
-        return 2 * d.kv_heads * tokens * d.head_dim * item
+        batch = next((b for b in (layer.held_batch for layer in self.layers) if b), 1)
+        return 2 * d.kv_heads * tokens * d.head_dim * item * batch
 
 
 def _profile_method(profile) -> str | None:

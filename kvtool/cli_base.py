@@ -46,9 +46,6 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated")   # transformers 5.2x renames it
     transformers.logging.disable_progress_bar()
 
 

@@ -89,7 +89,7 @@ def test_public_api_names():
     where = {"load_model": "kvtool.models", "Profile": "kvtool.profile", "load_samples": "kvtool.data",
              "passkey_samples": "kvtool.data", "profile_model": "kvtool.api", "merge_profiles": "kvtool.api",
              "TraceConfig": "kvtool.trace", "summarize": "kvtool.inspect", "KvtoolError": "kvtool.errors",
-             "CompressedCache": "kvtool.cache", "calibrate": "kvtool.api"}
+             "CompressedCache": "kvtool.cache", "with_cache": "kvtool.cache", "calibrate": "kvtool.api"}
     for name, module in where.items():
         assert getattr(kvtool, name) is getattr(importlib.import_module(module), name), name
     assert set(where) <= set(kvtool.__all__)

@@ -161,3 +161,22 @@ def test_text_source_is_used_and_recorded(capsys, monkeypatch, tiny_with_profile
     code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=all", "--task", "passkey",
                          "--lengths", "96", "--depths", "1", "--json")
     assert code == 0 and {r["text"] for r in json.loads(out)} == {"filler"}
+
+
+def test_run_warns_nothing(capsys, tiny_with_profile):
+    """`kvtool run` (generate, and the nll task's forward passes on the full and the compressed cache) passes the cache
+    under the keyword the installed transformers expects: its deprecation warning, made an error here, never fires
+    (the CLI does not filter it)."""
+    import warnings
+
+    model, prof = tiny_with_profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=0.5,k=4,v=4,sink=2,buffer=4",
+                             "--prompt", "Hello there", "--max-new-tokens", "3", "--no-chat", "--json")
+        assert code == 0, err
+        code, out, err = run(capsys, "run", model, "--profile", prof, "--policy", "heads=none,sink=4,recent=16",
+                             "--task", "nll", "--samples", "1", "--context", "48", "--continuation", "8", "--json")
+        assert code == 0, err
+    assert "deprecated" not in err

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from kvtool.errors import KvtoolError
 from kvtool.windows import causal_allowed
 
 STORES: dict[str, type["Store"]] = {}
@@ -64,6 +65,36 @@ class Store:
 
     def __len__(self) -> int:                     # tokens held
         raise NotImplementedError
+
+    # ---- generate's batch and rollback calls (beam search, num_return_sequences, assisted decoding) -------------
+
+    record_past = False                            # True: keep tokens a window would drop until the next crop
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        """Keep batch rows idx [B'] (long, repeats allowed) of everything held, in that order: beam search's
+        reorder, num_return_sequences' repeat, a batch selection."""
+        raise KvtoolError(f"the {self.name} store cannot reorder its batch (beam search, num_return_sequences)")
+
+    def rollback_refusal(self) -> str | None:
+        """Why the store can never drop tokens (None: it can, as far as it still holds them; see crop_refusal)."""
+        return f"the {self.name} store cannot drop tokens"
+
+    def crop_refusal(self, end: int) -> str | None:
+        """Why the store cannot drop every position ≥ end and be exactly as if it had never seen them (None: it
+        can). Checked on every store of a cache before any store crops."""
+        return self.rollback_refusal() if end < getattr(self, "seen", 0) else None
+
+    def crop(self, end: int) -> None:
+        """Drop positions ≥ end (after crop_refusal(end) said None); with end == seen only trim what `record_past`
+        kept."""
+        reason = self.crop_refusal(end)
+        if reason:
+            raise KvtoolError(reason)
+
+
+def batch_rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """Rows idx [B'] of t [B, ...] (None stays None)."""
+    return None if t is None else t.index_select(0, idx.to(t.device))
 
 
 def tensor_bytes(*tensors) -> int:
@@ -197,3 +228,38 @@ def append_sixteen_bit(store, k: torch.Tensor, v: torch.Tensor, pos: torch.Tenso
             done += n
         store.buf_k = store.buf_k[:, :, cut:].clone()
         store.buf_v = store.buf_v[:, :, cut:].clone()
+
+
+def select_sixteen_bit(store, idx: torch.Tensor, blocks) -> None:
+    """`select_batch` of a store laid out as 16-bit sink | body | 16-bit buffer: the sink and buffer here, each body
+    block through `blocks(block)` (the store's own layout)."""
+    store.sink_k, store.sink_v = batch_rows(store.sink_k, idx), batch_rows(store.sink_v, idx)
+    store.buf_k, store.buf_v = batch_rows(store.buf_k, idx), batch_rows(store.buf_v, idx)
+    for blk in store.blocks:
+        blocks(blk)
+
+
+def sixteen_bit_crop_refusal(store, end: int) -> str | None:
+    """A sink | body | buffer store can drop positions ≥ end while they all lie in its 16-bit buffer (or sink): the
+    quantized / projected body is never rolled back."""
+    if end >= store.seen or store.sink_k is None:
+        return None
+    if store.seen - end <= store.buf_k.shape[2] or (store.n_body == 0 and end >= store.first):
+        return None
+    return (f"the {store.name} store would have to drop {store.seen - end} tokens but only its last "
+            f"{store.buf_k.shape[2]} are still 16-bit (older ones are already in its compressed body); "
+            "raise the policy's `buffer`")
+
+
+def crop_sixteen_bit(store, end: int) -> None:
+    """Drop positions ≥ end from the buffer (then the sink); see sixteen_bit_crop_refusal."""
+    if end >= store.seen or store.sink_k is None:
+        return
+    n = store.seen - end
+    cut = min(n, store.buf_k.shape[2])
+    store.buf_k = store.buf_k[:, :, :store.buf_k.shape[2] - cut].clone()
+    store.buf_v = store.buf_v[:, :, :store.buf_v.shape[2] - cut].clone()
+    keep = max(0, end - store.first)                                       # sink tokens that stay (empty body)
+    if keep < store.sink_k.shape[2]:
+        store.sink_k, store.sink_v = store.sink_k[:, :, :keep].clone(), store.sink_v[:, :, :keep].clone()
+    store.seen = end

@@ -34,7 +34,8 @@ from kvtool import quant
 from kvtool.kvstore import RopeTable
 from kvtool.lowrank import RankSpec, parse_rank, reconstruct, weighted_values
 from kvtool.policy import Field, register_field
-from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, tensor_bytes
+from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, crop_sixteen_bit,
+                                register, select_sixteen_bit, sixteen_bit_crop_refusal, tensor_bytes)
 from kvtool.stores.quantized import FLUSH, unpack_float
 
 BLOCK = 1024                   # body tokens per block: bounds the float scratch of one read (reconstructed keys)
@@ -203,6 +204,22 @@ class LowRankStore(Store):
         ks = [self.sink_k.float()] + [self.block_keys(b) for b in self.blocks] + [self.buf_k.float()]
         vs = [self.sink_v.float()] + [self.block_values(b) for b in self.blocks] + [self.buf_v.float()]
         return torch.cat(ks, 2), torch.cat(vs, 2), torch.arange(self.first, self.seen, device=self.sink_k.device)
+
+    # ---- batch and rollback (generate's beam search, num_return_sequences, assisted decoding) --------------------
+
+    def select_batch(self, idx):
+        def rows(blk: LatentBlock) -> None:
+            blk.k, blk.v = batch_rows(blk.k, idx), batch_rows(blk.v, idx)
+        select_sixteen_bit(self, idx, rows)
+
+    def rollback_refusal(self):
+        return None
+
+    def crop_refusal(self, end):
+        return sixteen_bit_crop_refusal(self, end)
+
+    def crop(self, end):
+        crop_sixteen_bit(self, end)
 
     # ---- bytes --------------------------------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, cat_float, register, tensor_bytes
+from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, cat_float, crop_sixteen_bit,
+                                register, select_sixteen_bit, sixteen_bit_crop_refusal, tensor_bytes)
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -79,6 +80,22 @@ class Block:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.v_lo, self.v_span, self.out_idx, self.out_val) if t is not None]
+
+
+def _select_block(blk: Block, idx: torch.Tensor, hd: int) -> None:
+    """Keep batch rows idx [B'] of a body block; key outliers (flat indices into the token-major [n, B, h, D]
+    block, hd = h·D) are re-addressed to the rows that now hold them (a row taken twice gets its outliers twice)."""
+    b_old = blk.k.shape[0]
+    blk.k, blk.v = batch_rows(blk.k, idx), batch_rows(blk.v, idx)
+    blk.v_lo, blk.v_span = batch_rows(blk.v_lo, idx), batch_rows(blk.v_span, idx)
+    if blk.out_idx is None:
+        return
+    e = blk.out_idx.long()
+    tok, row, rest = e // (b_old * hd), (e // hd) % b_old, e % hd
+    which, new_row = (row.view(-1, 1) == idx.to(e.device).view(1, -1)).nonzero(as_tuple=True)   # [E'] each
+    flat = tok[which] * (len(idx) * hd) + new_row * hd + rest[which]
+    order = flat.argsort()
+    blk.out_idx, blk.out_val = flat[order].to(torch.int32), blk.out_val[which][order]
 
 
 _BYTE_CODES: dict[int, torch.Tensor] = {}
@@ -363,6 +380,21 @@ class QuantizedStore(Store):
         vs = [self.sink_v.float()] + [self.block_values(b) for b in self.blocks] + [self.buf_v.float()]
         pos = torch.arange(self.first, self.seen, device=self.sink_k.device)
         return torch.cat(ks, 2), torch.cat(vs, 2), pos
+
+    # ---- batch and rollback (generate's beam search, num_return_sequences, assisted decoding) --------------------
+
+    def select_batch(self, idx):
+        hd = 0 if self.sink_k is None else self.sink_k.shape[1] * self.sink_k.shape[3]      # h·D
+        select_sixteen_bit(self, idx, lambda blk: _select_block(blk, idx, hd))
+
+    def rollback_refusal(self):
+        return None
+
+    def crop_refusal(self, end):
+        return sixteen_bit_crop_refusal(self, end)
+
+    def crop(self, end):
+        crop_sixteen_bit(self, end)
 
     # ---- bytes --------------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import torch
 
 from kvtool.errors import KvtoolError
 from kvtool.policy import _choice, _count, register_field, simple
-from kvtool.stores.base import Store, empty_partial, merge, partial, register, tensor_bytes
+from kvtool.stores.base import Store, batch_rows, empty_partial, merge, partial, register, tensor_bytes
 from kvtool.windows import causal_allowed, window_allowed
 
 POD_MODES = ("off", "on", "map")
@@ -182,6 +182,17 @@ class SharedStore(Store):
         dist = partial(q, self.bank.read(self.n_sink, end, self.idx, self.w), vals[:, :, self.n_sink:end], scaling,
                        allowed)
         return merge([prox, dist])
+
+    def select_batch(self, idx):
+        """Batch rows idx of the own tensors; the leader also reorders the shared bank (once, for its members)."""
+        self.sink_k, self.sink_v = batch_rows(self.sink_k, idx), batch_rows(self.sink_v, idx)
+        self.recent_k, self.v = batch_rows(self.recent_k, idx), batch_rows(self.v, idx)
+        if self.leader:
+            self.bank.k = batch_rows(self.bank.k, idx)
+
+    def rollback_refusal(self):
+        return ("policy pod shares keys across layers and cannot drop tokens again (assisted and prompt-lookup "
+                "decoding need that): use pod=off")
 
     def read(self):
         """The held tokens read whole: (k [B, h, n, D], v, kpos [n]). A leader's are exactly what any later query

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtool.stores.base import Store, empty_partial, partial, register, tensor_bytes
+from kvtool.stores.base import Store, batch_rows, empty_partial, partial, register, tensor_bytes
 from kvtool.windows import sliding_allowed
 
 
@@ -35,7 +35,7 @@ class SlidingStore(Store):
         keep = self.window - 1
         if self.k is None:
             self.k = self.v = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=self.dtype)
-        if self.k.shape[2] + k.shape[2] > keep:                       # cut first, so the dropped part is never copied
+        if self.k.shape[2] + k.shape[2] > keep and not self.record_past:   # cut first: the dropped part is never copied
             old = max(0, keep - k.shape[2])
             self.k = torch.cat([self.k[:, :, self.k.shape[2] - old:], k[:, :, k.shape[2] - (keep - old):].to(self.dtype)], 2)
             self.v = torch.cat([self.v[:, :, self.v.shape[2] - old:], v[:, :, v.shape[2] - (keep - old):].to(self.dtype)], 2)
@@ -43,6 +43,30 @@ class SlidingStore(Store):
             self.k = torch.cat([self.k, k.to(self.dtype)], 2)
             self.v = torch.cat([self.v, v.to(self.dtype)], 2)
         self.seen = int(pos[-1]) + 1
+
+    def select_batch(self, idx):
+        self.k, self.v = batch_rows(self.k, idx), batch_rows(self.v, idx)
+
+    def rollback_refusal(self):
+        return None
+
+    def crop_refusal(self, end):
+        if self.k is None or end > self.seen:
+            return None
+        lo = max(0, end - (self.window - 1))
+        if lo < end and lo < self.seen - len(self):
+            return (f"the model's sliding-window layer would need token {lo} back to drop {self.seen - end} tokens, "
+                    f"but it keeps only the last {self.window - 1}")
+        return None
+
+    def crop(self, end):
+        """Drop positions ≥ end, then keep the last `window - 1` (what the layer holds after seeing `end` tokens)."""
+        if self.k is None or end > self.seen:
+            return
+        held = self.seen - len(self)
+        a, b = max(0, end - (self.window - 1) - held), max(0, end - held)
+        self.k, self.v = self.k[:, :, a:b].clone(), self.v[:, :, a:b].clone()
+        self.seen = end
 
     def attend(self, q, qpos, scaling, new=None):
         ks, vs, kpos = [], [], []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvtool.policy import _count, register_field, simple
-from kvtool.stores.base import Store, cat_float, empty_partial, partial, register, tensor_bytes
+from kvtool.stores.base import Store, batch_rows, cat_float, empty_partial, partial, register, tensor_bytes
 from kvtool.windows import window_allowed
 
 register_field(
@@ -52,7 +52,7 @@ class WindowStore(Store):
             empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=self.dtype)
             self.sink_k = self.sink_v = self.recent_k = self.recent_v = empty
         t = k.shape[2]
-        if t == 1 and self.seen >= self.n_sink and self.recent_k.shape[2] >= self.n_recent:   # a decode step, full
+        if t == 1 and self.seen >= self.n_sink and self.recent_k.shape[2] >= self.n_recent and not self.record_past:
             self.recent_k = torch.cat([self.recent_k[:, :, 1 - self.n_recent:] if self.n_recent > 1
                                        else self.recent_k[:, :, :0], k.to(self.dtype)], 2)
             self.recent_v = torch.cat([self.recent_v[:, :, 1 - self.n_recent:] if self.n_recent > 1
@@ -65,11 +65,46 @@ class WindowStore(Store):
             self.sink_v = torch.cat([self.sink_v, v[:, :, :take].to(self.dtype)], 2)
         keep = min(self.n_recent, t - take)                              # new tokens that stay recent
         old = min(self.recent_k.shape[2], self.n_recent - keep)          # older recent tokens that stay
+        if self.record_past:                                             # keep all until crop() (assisted decoding)
+            keep, old = t - take, self.recent_k.shape[2]
         self.recent_k = torch.cat([self.recent_k[:, :, self.recent_k.shape[2] - old:],
                                    k[:, :, t - keep:].to(self.dtype)], 2)
         self.recent_v = torch.cat([self.recent_v[:, :, self.recent_v.shape[2] - old:],
                                    v[:, :, t - keep:].to(self.dtype)], 2)
         self.seen = int(pos[-1]) + 1
+
+    def select_batch(self, idx):
+        self.sink_k, self.sink_v = batch_rows(self.sink_k, idx), batch_rows(self.sink_v, idx)
+        self.recent_k, self.recent_v = batch_rows(self.recent_k, idx), batch_rows(self.recent_v, idx)
+
+    def _recent_range(self, end: int) -> tuple[int, int]:
+        """Positions [lo, end) of the recent part a window store holds after seeing `end` tokens."""
+        return max(self.n_sink, end - self.n_recent), end
+
+    def rollback_refusal(self):
+        return None
+
+    def crop_refusal(self, end):
+        if self.sink_k is None or end > self.seen:
+            return None
+        lo, _ = self._recent_range(end)
+        held = self.seen - self.recent_k.shape[2]                        # first recent position held
+        if lo < end and lo < held:
+            return (f"the window store would need token {lo} back to drop {self.seen - end} tokens, but it keeps "
+                    f"only the last {self.n_recent} (the rest are freed)")
+        return None
+
+    def crop(self, end):
+        """Drop positions ≥ end, then keep the last `recent` (what the store holds after seeing `end` tokens)."""
+        if self.sink_k is None or end > self.seen:
+            return
+        held = self.seen - self.recent_k.shape[2]
+        lo, hi = self._recent_range(end)
+        a, b = max(0, lo - held), max(0, hi - held)
+        self.recent_k, self.recent_v = self.recent_k[:, :, a:b].clone(), self.recent_v[:, :, a:b].clone()
+        if end < self.sink_k.shape[2]:
+            self.sink_k, self.sink_v = self.sink_k[:, :, :end].clone(), self.sink_v[:, :, :end].clone()
+        self.seen = end
 
     def positions(self) -> torch.Tensor:
         """[n] absolute positions of the held tokens (sink, then recent)."""
