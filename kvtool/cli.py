@@ -376,6 +376,35 @@ def merge(
               f"into [bold]{shown(path)}[/]")
 
 
+@app.command("export", cls=_Command)
+def export_cmd(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
+    fmt: str = typer.Option(..., "--format", "-f", help="vllm: FP8 k_scale/v_scale + kv_cache_scheme (compressed-tensors); duo: DuoAttention's full_attention_heads.tsv + config.json (also read by kvpress)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write (made if absent; default: <profile name>.<format>)."),
+    per_head: bool = typer.Option(False, "--per-head", help="vllm: one scale per KV head (strategy attn_head) instead of one per layer."),
+    prefix: str = typer.Option("model.layers.{layer}.self_attn", "--prefix", help="vllm: module name of layer {layer}'s attention; the scales are <prefix>.k_scale / .v_scale."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="duo: head method whose scores to write (default: duo if calibrated, else the profile's policy's)."),
+    binary: bool = typer.Option(False, "--binary", help="duo: write the method's 0/1 retrieval mask instead of its continuous score."),
+    sink: Optional[int] = typer.Option(None, "--sink", help="duo: sink_size (default: the method's deployment window)."),
+    recent: Optional[int] = typer.Option(None, "--recent", help="duo: recent_size (default: the method's deployment window)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
+) -> None:
+    """Write a profile's calibration for another engine: vLLM's FP8 KV scales, or DuoAttention/kvpress head patterns."""
+    from kvtool.export import check_format, export
+    from kvtool.profile import Profile
+
+    check_format(fmt)
+    if output is None:
+        output = Path(profile_path.name.removesuffix(".st").removesuffix(".kv") + f".{fmt}")
+    prof = Profile.load(profile_path)
+    paths = export(prof, fmt, output, per_head=per_head, prefix=prefix, method=heads, binary=binary, sink=sink,
+                   recent=recent)
+    if as_json:
+        print(json.dumps({"format": fmt, "output": str(output), "files": [str(p) for p in paths]}, indent=2))
+        return
+    out.print(f"Wrote {', '.join(shown(p.name) for p in paths)} into [bold]{shown(output)}[/] ({fmt})", soft_wrap=True)
+
+
 @app.command("cache")
 def cache_cmd(
     clear: bool = typer.Option(False, "--clear", help="Remove every cached conversion (the next load converts again, ~20 s)."),
