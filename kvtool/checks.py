@@ -86,3 +86,15 @@ def profile_file(path: str | os.PathLike) -> Path:
 
     read_file(Path(path))
     return Path(path)
+
+
+def device(value: str, flag: str = "--device") -> str:
+    """cpu, cuda or cuda:N, and a GPU only where torch sees one."""
+    if value not in ("cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise KvtoolError(f"{flag} {value!r}: give cpu or cuda")
+    if value != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KvtoolError(f"{flag} {value}: torch sees no CUDA GPU here")
+    return value
