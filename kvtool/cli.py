@@ -97,6 +97,8 @@ def profile(
     seed: int = typer.Option(42, "--seed", help="Random seed of the built-in passkey samples (needles, keys, haystack windows)."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (under torchrun: each rank's own GPU)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device} (instead of --device)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Leave out raw statistics (smaller file; cannot be merged)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: smollm2.kv.st for the embedded model, else <model>.kv.st)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -118,18 +120,20 @@ def profile(
     checks.seed(seed)
     _as_dtype(dtype)
     checks.device(device)
+    placement = checks.device_map(device_map, device, max_memory)
     check_lengths(None, seq_len, config, limit=checks.model_context(model))       # all before the model loads
     check_data(data, seq_len)
     _quiet_libraries()
     distributed.init(device)
     try:
         _profile(model, data, samples, seq_len, needles, seed, dtype, distributed.local_device(device), config,
-                 no_stats, path, as_json)
+                 no_stats, path, as_json, placement)
     finally:
         distributed.finish()
 
 
-def _profile(model, data, samples, seq_len, needles, seed, dtype, device, config, no_stats, path, as_json) -> None:
+def _profile(model, data, samples, seq_len, needles, seed, dtype, device, config, no_stats, path, as_json,
+             placement) -> None:
     """`kvtool profile` after its options are checked: load, trace (this rank's shard), write on rank 0."""
     import contextlib
 
@@ -142,7 +146,7 @@ def _profile(model, data, samples, seq_len, needles, seed, dtype, device, config
     status = err.status if main else (lambda *a, **k: contextlib.nullcontext())
     t0 = time.perf_counter()
     with status("Loading model (the first load of the embedded GGUF converts it, ~20 s)"):
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+        mdl, tok = load_model(model, dtype=dtype, device=device, device_map=placement[0], max_memory=placement[1])
     load_s = time.perf_counter() - t0
     check_lengths(mdl, seq_len, config)
     with status("Preparing calibration data"):
@@ -288,6 +292,8 @@ def calibrate(
     ridge: Optional[float] = typer.Option(None, "--ridge", help=f"Ridge of the key maps {_METHOD}."),
     heldout: Optional[int] = typer.Option(None, "--heldout", help=f"Held-out samples {_METHOD}."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device}."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Calibrate one method and write its sections into a profile.
@@ -316,6 +322,7 @@ def calibrate(
         check_fraction(fraction)
     path = _writable_target(output or profile_in or _default_output(model, method))
     _as_dtype(dtype)
+    placement = checks.device_map(device_map, "cpu", max_memory)
     if profile_in is not None:
         held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
         missing = [n for n in contract.required(runner) if n not in held]
@@ -342,7 +349,7 @@ def calibrate(
         main = distributed.is_main()
         status = err.status if main else (lambda *a, **k: contextlib.nullcontext())
         with status("Loading model"):
-            mdl, tok = load_model(model, dtype=dtype)
+            mdl, tok = load_model(model, dtype=dtype, device_map=placement[0], max_memory=placement[1])
             base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
         if getattr(runner, "reuses", None) and runner.reuses(base) and main:
             c = base.calibration
