@@ -105,19 +105,15 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def device_map(value: str | None, device: str = "cpu", max_memory: str | None = None):
     """`--device-map`: one of accelerate's strategies, or a .json file {module name: device} (device: a GPU index,
-    "cuda:N", "cpu" or "disk"); refused with `--device` other than cpu (the map places the model) and under torchrun
-    (each rank would place the whole model over every GPU). Returns (device_map, max_memory) for load_model."""
+    "cuda:N", "cpu" or "disk"); refused with `--device` other than cpu (the map places the model). Under torchrun
+    each rank places its copy of the model on its own share of the GPUs (kvtool.distributed.rank_placement).
+    Returns (device_map, max_memory) for load_model."""
     if value is None:
         if max_memory is not None:
             raise KvtoolError("--max-memory applies with --device-map only")
         return None, None
     if device != "cpu":
         raise KvtoolError(f"give --device-map or --device {device}, not both (the map places every layer)")
-    from kvtool.distributed import env_world_size
-
-    if env_world_size() > 1:
-        raise KvtoolError("--device-map does not combine with torchrun: each rank would spread the whole model over "
-                          "every GPU; shard the samples (torchrun) or split the model (--device-map), not both")
     if value in DEVICE_MAPS:
         placed = value
     else:

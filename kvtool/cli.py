@@ -124,10 +124,10 @@ def profile(
     check_lengths(None, seq_len, config, limit=checks.model_context(model))       # all before the model loads
     check_data(data, seq_len)
     _quiet_libraries()
-    distributed.init(device)
+    distributed.init(device, placement[0])
     try:
         _profile(model, data, samples, seq_len, needles, seed, dtype, distributed.local_device(device), config,
-                 no_stats, path, as_json, placement)
+                 no_stats, path, as_json, distributed.rank_placement(placement))
     finally:
         distributed.finish()
 
@@ -344,7 +344,8 @@ def calibrate(
         raise KvtoolError(f"calibrate --method {method} runs in one process; under torchrun only "
                           f"{', '.join(shardable)} split their work over the ranks (run it without torchrun)")
     _quiet_libraries()
-    distributed.init("cpu")
+    distributed.init("cpu", placement[0])
+    placement = distributed.rank_placement(placement)
     try:
         main = distributed.is_main()
         status = err.status if main else (lambda *a, **k: contextlib.nullcontext())

@@ -59,8 +59,44 @@ def local_device(device: str) -> str:
     return device
 
 
-def init(device: str = "cpu") -> bool:
-    """Join torchrun's process group (gloo for cpu, nccl for cuda) when WORLD_SIZE > 1; True when joined."""
+def rank_gpus() -> list[int]:
+    """The GPUs of this rank when each rank splits its copy of the model with --device-map: the node's GPUs cut
+    into LOCAL_WORLD_SIZE equal consecutive groups (8 GPUs, 2 ranks per node: rank 0 takes 0-3, rank 1 takes 4-7).
+    Empty without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    n, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per = n // max(local, 1)
+    if per == 0:
+        raise KvtoolError(f"{local} ranks on this node but {n} GPUs: give --nproc-per-node at most {n}")
+    first = int(os.environ.get("LOCAL_RANK", "0")) * per
+    return list(range(first, first + per))
+
+
+def rank_placement(placement: tuple) -> tuple:
+    """(device_map, max_memory) for this rank: outside torchrun as given; under torchrun with a device map, the
+    memory caps limited to this rank's GPUs (rank_gpus; a GPU's whole memory unless --max-memory says otherwise)
+    and this node's CPU memory shared by its ranks. An explicit {module: device} map is used as written."""
+    device_map, max_memory = placement
+    if device_map is None or env_world_size() <= 1 or isinstance(device_map, dict):
+        return placement
+    gpus = rank_gpus()
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    caps = {}
+    for g in gpus:
+        caps[g] = (max_memory or {}).get(g, torch.cuda.get_device_properties(g).total_memory)
+    if max_memory and "cpu" in max_memory:
+        caps["cpu"] = max_memory["cpu"]
+    else:
+        import psutil
+
+        caps["cpu"] = psutil.virtual_memory().available // local
+    return device_map, caps
+
+
+def init(device: str = "cpu", device_map=None) -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 — gloo on the CPU, nccl on CUDA (the rank's GPU, or with
+    a device map the first of its GPUs) — and return True when joined."""
     if env_world_size() <= 1:
         return False
     import torch.distributed as dist
@@ -68,9 +104,10 @@ def init(device: str = "cpu") -> bool:
     if not dist.is_available():
         raise KvtoolError("this torch build has no torch.distributed; run kvtool in one process")
     if not dist.is_initialized():
-        cuda = str(device).startswith("cuda")
+        gpus = rank_gpus() if device_map is not None else []
+        cuda = str(device).startswith("cuda") or bool(gpus)
         if cuda:
-            torch.cuda.set_device(torch.device(local_device("cuda")))
+            torch.cuda.set_device(gpus[0] if gpus else torch.device(local_device("cuda")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return active()
 

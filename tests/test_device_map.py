@@ -116,7 +116,14 @@ def test_bad_device_map_options_are_one_line(capsys, tiny_dir, tmp_path, args, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
 
 
-def test_device_map_is_refused_under_torchrun(capsys, tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run(capsys, "profile", tiny_dir, *FAST, "-o", tmp_path / "x.kv.st", "--device-map", "auto")
-    assert code == 1 and "does not combine with torchrun" in err and len(err.strip().splitlines()) == 1
+def test_device_map_under_torchrun_profiles_on_two_gloo_ranks(tiny_dir, split_map, tmp_path):
+    """Both at once: 2 ranks share the samples, and each rank runs its copy of the model split between cpu and disk
+    (on GPUs, each rank takes its own share of them: kvtool.distributed.rank_gpus)."""
+    from test_distributed import assert_same_profile, torchrun
+
+    proc = torchrun("profile", tiny_dir, *FAST, "-o", "split2.kv.st", "--device-map", split_map, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli_exit_code("profile", tiny_dir, *FAST, "-o", tmp_path / "whole.kv.st") == 0
+    two, whole = Profile.load(tmp_path / "split2.kv.st"), Profile.load(tmp_path / "whole.kv.st")
+    assert two.calibration["world_size"] == 2 and two.model["fingerprint"] == whole.model["fingerprint"]
+    assert_same_profile(whole, two)
