@@ -31,7 +31,7 @@ from typing import Any, Callable
 from kvtool.errors import KvtoolError
 
 # flags every method takes, or the command itself: never "does not apply"
-COMMON_FLAGS = ("--method", "--profile", "--output", "--dtype", "--json")
+COMMON_FLAGS = ("--method", "--profile", "--output", "--dtype", "--device-map", "--max-memory", "--json")
 
 
 @dataclass(frozen=True)

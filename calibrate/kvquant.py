@@ -132,7 +132,9 @@ class KVQuant:
         dims = Dims.of(model)
         gen = torch.Generator().manual_seed(self.seed)
         col = _Collector(self, dims, ranges, -(-self.max_points // len(samples)), gen)
-        device = next(model.parameters()).device
+        from kvtool.models import input_device
+
+        device = input_device(model)
         with observing(model, col, col.observe_pre_rope_key):
             for i, sample in enumerate(samples):
                 ids = sample.input_ids.view(1, -1).to(device)                 # [1, T]

@@ -114,7 +114,9 @@ class PCA:
             raise KvtoolError("zero samples: no calibration data for pca")
         dims = Dims.of(model)
         obs = _Latents(dims, spectra, -(-self.max_points // len(samples)), torch.Generator().manual_seed(self.seed))
-        device = next(model.parameters()).device
+        from kvtool.models import input_device
+
+        device = input_device(model)
         with observing(model, obs, obs.observe_pre_rope_key), torch.inference_mode():
             for i, sample in enumerate(samples):
                 model.get_decoder()(input_ids=sample.input_ids.view(1, -1).to(device), use_cache=False)

@@ -158,7 +158,9 @@ class PoD:
     @staticmethod
     def _moments(model, samples, leader, on_progress, done: int) -> "_CrossMoments":
         obs = _CrossMoments(Dims.of(model), leader)
-        device = next(model.parameters()).device
+        from kvtool.models import input_device
+
+        device = input_device(model)
         with observing(model, obs, obs.observe_pre_rope_key), torch.inference_mode():
             for i, sample in enumerate(samples):
                 obs.keys = {}

@@ -18,6 +18,7 @@ import torch
 from calibrate import register
 from calibrate.heads import HeadsResult, top_count, top_fraction
 from kvtool.errors import KvtoolError
+from kvtool.models import input_device
 from kvtool.trace import Dims, RowMaker, attention_modules, observing
 
 
@@ -57,7 +58,7 @@ class Razor:
         ids, offset, n = self.probe(model, tokenizer)
         observer = _EchoInduction(Dims.of(model), ids, offset, n, self.query_samples, self.chunk)
         with observing(model, observer), torch.inference_mode():
-            model.get_decoder()(input_ids=ids.view(1, -1).to(next(model.parameters()).device), use_cache=False)
+            model.get_decoder()(input_ids=ids.view(1, -1).to(input_device(model)), use_cache=False)
         if on_progress is not None:
             on_progress(1)
         echo, induction = observer.scores()                                   # [L, H_kv] each

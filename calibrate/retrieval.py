@@ -30,6 +30,7 @@ class Retrieval:
     needles: int = 3
     seed: int = 42
     reuse: bool = True
+    shards = True          # under torchrun its trace of new passkey samples is split over the ranks (kvtool.distributed)
 
     def reuses(self, profile) -> bool:
         """True when the copy scores come from `profile`'s own passkey trace (nothing is traced)."""
@@ -41,7 +42,10 @@ class Retrieval:
         mask = (score > self.threshold).to(torch.uint8) if fraction is None else top_fraction(score, fraction)
         params = {"threshold": self.threshold, "source": source, "fraction": fraction}
         if source == "trace":
-            params.update(samples=self.samples, seq_len=self.seq_len, needles=self.needles, seed=self.seed)
+            from kvtool import distributed
+
+            params.update(samples=self.samples, seq_len=self.seq_len, needles=self.needles, seed=self.seed,
+                          world_size=distributed.world_size())
         else:
             params.update(samples=profile.calibration.get("samples"), lengths=profile.calibration.get("lengths"))
         return HeadsResult("retrieval", {"score": score, "mask": mask}, params)
@@ -49,13 +53,14 @@ class Retrieval:
     def _scores(self, model, tokenizer, profile, on_progress):
         if self.reuses(profile):
             return profile[COPY_SCORE].float(), "profile"
+        from kvtool import distributed
         from kvtool.data import passkey_samples
-        from kvtool.trace import TraceConfig, Tracer, check_lengths
+        from kvtool.trace import TraceConfig, check_lengths
 
         cfg = TraceConfig(sink=min(64, self.seq_len // 8), recent=min(256, self.seq_len // 4))
         check_lengths(model, self.seq_len, cfg)
         samples = passkey_samples(tokenizer, self.samples, self.seq_len, n_needles=self.needles, seed=self.seed)
-        stats = Tracer(model, cfg).run(samples, on_sample=on_progress)
+        stats = distributed.trace(model, cfg, samples, on_sample=on_progress)     # this rank's shard, all-reduced
         recall = stats.acc["recall"]
         if recall.count[0] > 0 and stats.acc["copy"].count.max() == 0:
             raise KvtoolError("the model recalled none of the passkeys, so no copy score exists; "

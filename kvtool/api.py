@@ -19,7 +19,11 @@ DEFAULT_POLICY = {"policy": "heads=retrieval:0.5"}      # kvtool.policy: the can
 def profile_model(model, samples, *, config: TraceConfig | None = None, data: dict | None = None, seed: int = 42,
                   name: str | None = None, keep_stats: bool = True, on_sample=None) -> Profile:
     """Trace `samples` (a sequence of kvtool.data.Sample; a SampleStream is made one sample at a time) through
-    `model` and return the Profile (not yet saved)."""
+    `model` and return the Profile (not yet saved).
+
+    Inside a torch.distributed process group (torchrun; kvtool.distributed.init) every rank passes the same
+    `samples`, traces its shard and gets the all-reduced statistics of all of them: the same profile on every rank
+    (rank 0 saves it), with `world_size` and the slowest rank's `trace_seconds` in its calibration record."""
     config = config or TraceConfig()
     if not samples:
         raise KvtoolError("zero samples: nothing to profile (raise --samples, or give a longer data file)")
@@ -27,9 +31,11 @@ def profile_model(model, samples, *, config: TraceConfig | None = None, data: di
     lengths = [samples.length(i) if streamed else int(samples[i].input_ids.numel()) for i in range(len(samples))]
     for n in sorted(set(lengths)):
         check_lengths(model, n, config)
+    from kvtool import distributed
+
     start = time.perf_counter()
-    stats = Tracer(model, config).run(samples, on_sample=on_sample)
-    seconds = time.perf_counter() - start
+    stats = distributed.trace(model, config, samples, on_sample=on_sample)     # this rank's shard, all-reduced
+    seconds = distributed.max_over_ranks(time.perf_counter() - start, distributed._collective_device(model))
     calibration = {
         "data": data or {"kind": "unknown"},
         "samples": len(samples),
@@ -39,6 +45,7 @@ def profile_model(model, samples, *, config: TraceConfig | None = None, data: di
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "kvtool_version": __version__,
         "trace_seconds": round(seconds, 2),
+        "world_size": distributed.world_size(),
     }
     return build_profile(stats, model_meta(model, name=name or getattr(model, "kvtool_name", None)), calibration,
                          keep_stats=keep_stats)
@@ -113,6 +120,7 @@ def merge_profiles(*profiles: Profile, names: list[str] | None = None) -> Profil
     datas = [p.calibration.get("data") for p in profiles]
     calibration = dict(first.calibration)
     calibration.pop("seed", None)
+    calibration.pop("world_size", None)
     calibration.update(samples=stats.samples, merged_from=len(profiles),
                        seeds=[s for p in profiles for s in p.calibration.get("seeds", [p.calibration.get("seed")])],
                        lengths=[n for p in profiles for n in p.calibration.get("lengths", [])],

@@ -269,7 +269,9 @@ class CompressedCache(Cache):
         self.sliding, self.window = sliding_window(model)
         import cupy_kernels
 
-        device = next(model.parameters()).device
+        from kvtool.models import input_device
+
+        device = input_device(model)
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)

@@ -86,3 +86,69 @@ def profile_file(path: str | os.PathLike) -> Path:
 
     read_file(Path(path))
     return Path(path)
+
+
+def device(value: str, flag: str = "--device") -> str:
+    """cpu, cuda or cuda:N, and a GPU only where torch sees one."""
+    if value not in ("cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise KvtoolError(f"{flag} {value!r}: give cpu or cuda")
+    if value != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise KvtoolError(f"{flag} {value}: torch sees no CUDA GPU here")
+    return value
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map(value: str | None, device: str = "cpu", max_memory: str | None = None):
+    """`--device-map`: one of accelerate's strategies, or a .json file {module name: device} (device: a GPU index,
+    "cuda:N", "cpu" or "disk"); refused with `--device` other than cpu (the map places the model). Under torchrun
+    each rank places its copy of the model on its own share of the GPUs (kvtool.distributed.rank_placement).
+    Returns (device_map, max_memory) for load_model."""
+    if value is None:
+        if max_memory is not None:
+            raise KvtoolError("--max-memory applies with --device-map only")
+        return None, None
+    if device != "cpu":
+        raise KvtoolError(f"give --device-map or --device {device}, not both (the map places every layer)")
+    if value in DEVICE_MAPS:
+        placed = value
+    else:
+        import json
+
+        path = Path(value)
+        if path.suffix != ".json" or not path.is_file():
+            raise KvtoolError(f"--device-map {value!r}: give {', '.join(DEVICE_MAPS)} or an existing .json file "
+                              "{module: device}")
+        try:
+            placed = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KvtoolError(f"--device-map {value}: not a readable JSON file ({exc})") from None
+        ok = isinstance(placed, dict) and placed and all(
+            isinstance(k, str) and (isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                    or v in ("cpu", "disk") or isinstance(v, str) and v.startswith("cuda:"))
+            for k, v in placed.items())
+        if not ok:
+            raise KvtoolError(f"--device-map {value}: expected an object {{module name: GPU index, \"cuda:N\", "
+                              "\"cpu\" or \"disk\"}")
+    return placed, memory_caps(max_memory)
+
+
+def memory_caps(text: str | None) -> dict | None:
+    """`--max-memory 0=20GiB,1=20GiB,cpu=64GiB` -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    import re
+
+    caps = {}
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        if not sep or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", size.strip(), re.IGNORECASE) or \
+                not (key.isdigit() or key == "cpu"):
+            raise KvtoolError(f"--max-memory {text!r}: give DEVICE=SIZE pairs such as 0=20GiB,cpu=64GiB "
+                              "(DEVICE: a GPU index or cpu; SIZE with a unit: KB, MB, GB, KiB, MiB, GiB)")
+        caps[int(key) if key.isdigit() else key] = size.strip()
+    return caps

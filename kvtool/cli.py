@@ -96,15 +96,21 @@ def profile(
     query_samples: int = typer.Option(128, "--query-samples", help="Queries per sample whose attention rows are traced (0 = all)."),
     seed: int = typer.Option(42, "--seed", help="Random seed of the built-in passkey samples (needles, keys, haystack windows)."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (under torchrun: each rank's own GPU)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device} (instead of --device)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Leave out raw statistics (smaller file; cannot be merged)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Profile to write (default: smollm2.kv.st for the embedded model, else <model>.kv.st)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Trace MODEL on calibration data in one pass and write a .kv.st profile."""
-    from kvtool import checks
-    from kvtool.api import check_lengths, profile_model
-    from kvtool.data import check_data, describe, load_samples
-    from kvtool.models import _as_dtype, load_model
+    """Trace MODEL on calibration data in one pass and write a .kv.st profile.
+
+    Under `torchrun --nproc-per-node N -m kvtool profile ...` the N processes trace disjoint shares of the samples
+    and all-reduce their statistics (gloo on cpu, nccl on cuda); rank 0 writes the profile."""
+    from kvtool import checks, distributed
+    from kvtool.api import check_lengths
+    from kvtool.data import check_data
+    from kvtool.models import _as_dtype
     from kvtool.trace import TraceConfig
 
     path = _writable_target(output or _default_output(model))
@@ -113,28 +119,56 @@ def profile(
     checks.whole("--needles", needles)
     checks.seed(seed)
     _as_dtype(dtype)
+    checks.device(device)
+    placement = checks.device_map(device_map, device, max_memory)
     check_lengths(None, seq_len, config, limit=checks.model_context(model))       # all before the model loads
     check_data(data, seq_len)
     _quiet_libraries()
+    distributed.init(device, placement[0])
+    try:
+        _profile(model, data, samples, seq_len, needles, seed, dtype, distributed.local_device(device), config,
+                 no_stats, path, as_json, distributed.rank_placement(placement))
+    finally:
+        distributed.finish()
+
+
+def _profile(model, data, samples, seq_len, needles, seed, dtype, device, config, no_stats, path, as_json,
+             placement) -> None:
+    """`kvtool profile` after its options are checked: load, trace (this rank's shard), write on rank 0."""
+    import contextlib
+
+    from kvtool import distributed
+    from kvtool.api import check_lengths, profile_model
+    from kvtool.data import describe, load_samples
+    from kvtool.models import load_model
+
+    main = distributed.is_main()                                 # rank 0 (or the only process) talks and writes
+    status = err.status if main else (lambda *a, **k: contextlib.nullcontext())
     t0 = time.perf_counter()
-    with err.status("Loading model (the first load of the embedded GGUF converts it, ~20 s)"):
-        mdl, tok = load_model(model, dtype=dtype)
+    with status("Loading model (the first load of the embedded GGUF converts it, ~20 s)"):
+        mdl, tok = load_model(model, dtype=dtype, device=device, device_map=placement[0], max_memory=placement[1])
     load_s = time.perf_counter() - t0
     check_lengths(mdl, seq_len, config)
-    with err.status("Preparing calibration data"):
+    with status("Preparing calibration data"):
         batch = load_samples(data, tok, samples, seq_len, seed=seed, n_needles=needles)
-    if len(batch) < samples:
+    if len(batch) < samples and main:
         err.print(f"[yellow]Note:[/] the data gives only {len(batch)} samples of {seq_len} tokens (asked for {samples})")
-    with _progress() as bar:
-        task = bar.add_task("Tracing", total=len(batch), info=f"{seq_len} tok/sample")
+    world = distributed.world_size()
+    mine = len(distributed.shard(batch))
+    with (_progress() if main else contextlib.nullcontext()) as bar:
+        task = bar.add_task("Tracing", total=mine, info=f"{seq_len} tok/sample"
+                            + (f", rank 0 of {world}" if world > 1 else "")) if main else None
         prof = profile_model(mdl, batch, config=config, data=describe(data), seed=seed, keep_stats=not no_stats,
-                             on_sample=lambda i: bar.update(task, completed=i))
-    err.print(f"Traced {len(batch)} samples of {seq_len} tokens in {prof.calibration['trace_seconds']:.1f} s")
+                             on_sample=(lambda i: bar.update(task, completed=i)) if main else None)
+    if not main:
+        return
+    err.print(f"Traced {len(batch)} samples of {seq_len} tokens in {prof.calibration['trace_seconds']:.1f} s"
+              + (f" on {world} processes" if world > 1 else ""))
     prof.save(path)
     summary = {"output": str(path), "bytes": path.stat().st_size, "model": prof.model.get("name"),
                "fingerprint": prof.model["fingerprint"], "samples": len(batch), "seq_len": seq_len,
                "load_seconds": round(load_s, 2), "trace_seconds": prof.calibration["trace_seconds"],
-               **_head_counts(prof)}
+               "world_size": world, **_head_counts(prof)}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -258,14 +292,19 @@ def calibrate(
     ridge: Optional[float] = typer.Option(None, "--ridge", help=f"Ridge of the key maps {_METHOD}."),
     heldout: Optional[int] = typer.Option(None, "--heldout", help=f"Held-out samples {_METHOD}."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device}."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Calibrate one method and write its sections into a profile.
 
     A method flag that the method does not take is refused; a flag left out means the method's default. Methods:"""
+    import contextlib
+
     from calibrate.contract import contract_of
+    from calibrate.contract import methods as contract_methods
     from calibrate.heads import check_fraction
-    from kvtool import checks
+    from kvtool import checks, distributed
     from kvtool.api import calibrate as run_calibration
     from kvtool.data import check_data
     from kvtool.models import _as_dtype, load_model
@@ -283,6 +322,7 @@ def calibrate(
         check_fraction(fraction)
     path = _writable_target(output or profile_in or _default_output(model, method))
     _as_dtype(dtype)
+    placement = checks.device_map(device_map, "cpu", max_memory)
     if profile_in is not None:
         held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
         missing = [n for n in contract.required(runner) if n not in held]
@@ -299,20 +339,37 @@ def calibrate(
         checks.context(checks.model_context(model), seq, f"--seq-len {seq}")
     if "data" in options:
         check_data(options["data"], seq)
+    if distributed.env_world_size() > 1 and not getattr(runner, "shards", False):
+        shardable = [n for n, cls in contract_methods() if getattr(cls, "shards", False)]
+        raise KvtoolError(f"calibrate --method {method} runs in one process; under torchrun only "
+                          f"{', '.join(shardable)} split their work over the ranks (run it without torchrun)")
     _quiet_libraries()
-    with err.status("Loading model"):
-        mdl, tok = load_model(model, dtype=dtype)
-        base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
-    if getattr(runner, "reuses", None) and runner.reuses(base):
-        c = base.calibration
-        err.print(f"{method}: using the copy scores of {shown(profile_in)}'s passkey trace ({c.get('samples')} "
-                  f"samples of {_lengths(c.get('lengths'))} tokens); give --samples / --seq-len to trace new passkey "
-                  "samples instead", soft_wrap=True)
-    with _progress() as bar:
-        task = bar.add_task(f"calibrate {method}", total=contract.total(runner, mdl), info="")
-        prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
-                               on_progress=lambda i, info="": bar.update(task, completed=i, info=shown(info)))
-    prof.save(path)
+    distributed.init("cpu", placement[0])
+    placement = distributed.rank_placement(placement)
+    try:
+        main = distributed.is_main()
+        status = err.status if main else (lambda *a, **k: contextlib.nullcontext())
+        with status("Loading model"):
+            mdl, tok = load_model(model, dtype=dtype, device_map=placement[0], max_memory=placement[1])
+            base = Profile.load(profile_in, model=mdl) if profile_in is not None else None
+        if getattr(runner, "reuses", None) and runner.reuses(base) and main:
+            c = base.calibration
+            err.print(f"{method}: using the copy scores of {shown(profile_in)}'s passkey trace ({c.get('samples')} "
+                      f"samples of {_lengths(c.get('lengths'))} tokens); give --samples / --seq-len to trace new "
+                      "passkey samples instead", soft_wrap=True)
+        world = distributed.world_size()
+        with (_progress() if main else contextlib.nullcontext()) as bar:
+            total = contract.total(runner, mdl)
+            task = bar.add_task(f"calibrate {method}", total=len(range(0, total, world)) if world > 1 else total,
+                                info=f"rank 0 of {world}" if world > 1 else "") if main else None
+            prof = run_calibration(mdl, tok, method, profile=base, fraction=fraction, options=options,
+                                   on_progress=(lambda i, info="": bar.update(task, completed=i, info=shown(info)))
+                                   if main else None)
+        if not main:
+            return
+        prof.save(path)
+    finally:
+        distributed.finish()
     summary = {"output": str(path), **contract.summary(prof)}
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -374,6 +431,35 @@ def merge(
     out.print(f"Merged {len(profiles)} profiles ({merged.calibration['samples']} samples, seeds "
               f"{', '.join(map(str, merged.calibration['seeds']))}) "
               f"into [bold]{shown(path)}[/]")
+
+
+@app.command("export", cls=_Command)
+def export_cmd(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
+    fmt: str = typer.Option(..., "--format", "-f", help="vllm: FP8 k_scale/v_scale + kv_cache_scheme (compressed-tensors); duo: DuoAttention's full_attention_heads.tsv + config.json (also read by kvpress)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write (made if absent; default: <profile name>.<format>)."),
+    per_head: bool = typer.Option(False, "--per-head", help="vllm: one scale per KV head (strategy attn_head) instead of one per layer."),
+    prefix: str = typer.Option("model.layers.{layer}.self_attn", "--prefix", help="vllm: module name of layer {layer}'s attention; the scales are <prefix>.k_scale / .v_scale."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="duo: head method whose scores to write (default: duo if calibrated, else the profile's policy's)."),
+    binary: bool = typer.Option(False, "--binary", help="duo: write the method's 0/1 retrieval mask instead of its continuous score."),
+    sink: Optional[int] = typer.Option(None, "--sink", help="duo: sink_size (default: the method's deployment window)."),
+    recent: Optional[int] = typer.Option(None, "--recent", help="duo: recent_size (default: the method's deployment window)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
+) -> None:
+    """Write a profile's calibration for another engine: vLLM's FP8 KV scales, or DuoAttention/kvpress head patterns."""
+    from kvtool.export import check_format, export
+    from kvtool.profile import Profile
+
+    check_format(fmt)
+    if output is None:
+        output = Path(profile_path.name.removesuffix(".st").removesuffix(".kv") + f".{fmt}")
+    prof = Profile.load(profile_path)
+    paths = export(prof, fmt, output, per_head=per_head, prefix=prefix, method=heads, binary=binary, sink=sink,
+                   recent=recent)
+    if as_json:
+        print(json.dumps({"format": fmt, "output": str(output), "files": [str(p) for p in paths]}, indent=2))
+        return
+    out.print(f"Wrote {', '.join(shown(p.name) for p in paths)} into [bold]{shown(output)}[/] ({fmt})", soft_wrap=True)
 
 
 @app.command("cache")

@@ -29,7 +29,8 @@ def shipped_profile(model: Optional[str]) -> Path | None:
     return path if path.is_file() else None
 
 
-def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profile: bool, device: str = "cpu"):
+def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profile: bool, device: str = "cpu",
+          placement: tuple = (None, None)):
     from kvtool.models import load_model
     from kvtool.profile import Profile
 
@@ -39,7 +40,7 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
                           "`kvtool profile MODEL -o model.kv.st` (and `kvtool calibrate`)")
     _quiet_libraries()
     with err.status("Loading model"):
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+        mdl, tok = load_model(model, dtype=dtype, device=device, device_map=placement[0], max_memory=placement[1])
         prof = Profile.load(path, model=mdl) if path is not None else None
     if path is not None and profile is None:
         err.print(f"Using the shipped profile {shown(path.name)}")
@@ -227,6 +228,8 @@ def run(
     text_source: Optional[str] = typer.Option(None, "--text", help=TEXT_HELP),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device} (instead of --device)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto (cupy on CUDA when CuPy works), torch or cupy."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
@@ -252,9 +255,10 @@ def run(
         checks.profile_file(profile)
     _as_dtype(dtype)
     _check_backend(backend, device)
+    placement = checks.device_map(device_map, device, max_memory)
     _check_task_context(checks.model_context(model), task, lens, context, continuation, 16)
     source = _check_text(task, text_source, samples, context, continuation)
-    mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
+    mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device, placement=placement)
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
@@ -312,7 +316,9 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise KvtoolError(f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is "
                           f"beyond the model's context of {limit} tokens")
-    ids = ids.to(next(model.parameters()).device)                                  # [1, T]
+    from kvtool.models import input_device
+
+    ids = ids.to(input_device(model))                                  # [1, T]
     cache = CompressedCache(model, profile, policy, backend=backend)
     with torch.inference_mode():
         with Timer() as pre:

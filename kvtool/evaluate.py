@@ -147,7 +147,9 @@ def _sync() -> None:
 
 
 def _device(model):
-    return next(model.parameters()).device
+    from kvtool.models import input_device
+
+    return input_device(model)
 
 
 @torch.inference_mode()

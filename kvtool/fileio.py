@@ -131,3 +131,63 @@ def write_bytes(data: bytes) -> Callable[[str], None]:
         with open(tmp, "wb") as fh:
             fh.write(data)
     return write
+
+
+def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Write several files `{name: bytes}` into `directory` so that they appear together or not at all.
+
+    A new directory is built as a temporary directory beside it and renamed into place; in an existing directory
+    every file is first written to a temporary file, and only when all are written are they renamed over the old
+    ones. Errors are one-line KvtoolErrors; nothing of ours is left behind on failure."""
+    directory = Path(directory)
+    parent = directory.parent
+    if directory.exists() and not directory.is_dir():
+        raise KvtoolError(f"cannot write into {directory}: it is a file, not a directory")
+    if not parent.is_dir():
+        raise KvtoolError(f"cannot write {directory}: {parent} "
+                          f"{'is not a directory' if parent.exists() else 'does not exist'}")
+    for name in files:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"bad file name {name!r}")
+    target = directory if directory.is_dir() else parent
+    if not os.access(target, os.W_OK):
+        raise KvtoolError(f"cannot write into {directory}: directory {target} is not writable")
+    sweep_stale(target)
+    made: list[str] = []
+    try:
+        if directory.is_dir():
+            staged = {}
+            for name, data in files.items():
+                tmp = str(directory / temp_name(name))
+                made.append(tmp)
+                _write_synced(tmp, data)
+                staged[name] = tmp
+            for name, tmp in staged.items():
+                os.replace(tmp, directory / name)
+        else:
+            tmpdir = str(parent / temp_name(directory.name))
+            os.mkdir(tmpdir)
+            made.append(tmpdir)
+            for name, data in files.items():
+                _write_synced(os.path.join(tmpdir, name), data)
+            os.rename(tmpdir, directory)
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or first_line(exc))
+        raise KvtoolError(f"cannot write into {directory}: {reason}") from None
+    finally:
+        for tmp in made:
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif os.path.lexists(tmp):
+                os.unlink(tmp)
+    return [directory / name for name in files]
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

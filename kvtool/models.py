@@ -57,22 +57,59 @@ def embedded_gguf_path() -> Path:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", device_map: str | dict | None = None,
+               max_memory: dict | None = None):
     """Return `(model, tokenizer)` in eval mode.
 
     name_or_path: None for the embedded default, a local directory (HF layout), a `.gguf` file, or an HF model id
     that is already in the local HF cache. dtype: a torch dtype or its name ("float32", "bfloat16", "float16").
+    device_map (instead of `device`): accelerate's placement of the layers — "auto" / "balanced" /
+    "balanced_low_0" / "sequential" over the GPUs, then the CPU, then disk (offloaded weights are read from the
+    checkpoint or from kvtool's cache `offload/` folder when a layer runs), or an explicit {module: device} map;
+    `max_memory` ({0: "20GiB", "cpu": "64GiB"}) caps each device. See docs/engines.md.
     """
     dtype = _as_dtype(dtype)
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "offload_folder": _offload_folder()}
+        if max_memory:
+            placement["max_memory"] = max_memory
     with _quiet_loading():
         if name_or_path is None:
-            model, tok = _load_embedded(dtype)
+            model, tok = _load_embedded(dtype, **placement)
         else:
-            model, tok = _load_named(str(name_or_path), dtype)
+            model, tok = _load_named(str(name_or_path), dtype, **placement)
     model.eval()
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.kvtool_name = EMBEDDED_NAME if name_or_path is None else str(name_or_path)
     return model, tok
+
+
+def input_device(model) -> torch.device:
+    """Where the model's input ids go: its first parameter's device, or with an accelerate device map the device
+    its embedding runs on (an offloaded embedding's parameters are on the meta device; its hook runs it on the CPU
+    or on the GPU the map names)."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        return torch.device("cpu" if first in ("disk", "meta") else first)
+    return next(model.parameters()).device
+
+
+def _offload_folder() -> str:
+    """A folder of this process for weights accelerate offloads to disk in another form than the checkpoint holds
+    (a dtype cast); removed when the process exits."""
+    import atexit
+    import tempfile
+
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=root)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 @contextlib.contextmanager
@@ -108,19 +145,19 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return table[dtype]
 
 
-def _load_named(name: str, dtype: torch.dtype):
+def _load_named(name: str, dtype: torch.dtype, **placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise KvtoolError(f"model file {name} does not exist")
-        return _load_gguf_cached(path, dtype)
+        return _load_gguf_cached(path, dtype, **placement)
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise KvtoolError(f"model directory {name} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True, **placement)
     except OSError:
         raise KvtoolError(
             f"cannot find model {name!r} locally: it is not a directory and not in the local Hugging Face cache "
@@ -133,8 +170,8 @@ def _load_named(name: str, dtype: torch.dtype):
     return model, tok
 
 
-def _load_embedded(dtype: torch.dtype):
-    return _load_gguf_cached(embedded_gguf_path(), dtype)
+def _load_embedded(dtype: torch.dtype, **placement):
+    return _load_gguf_cached(embedded_gguf_path(), dtype, **placement)
 
 
 # -- the conversion cache ------------------------------------------------------------------------------------------
@@ -247,7 +284,7 @@ def _ensure_writable(directory: Path) -> None:
         raise KvtoolError(f"the model cache {directory} is not writable; set KVTOOL_CACHE to a writable directory")
 
 
-def _load_gguf_cached(gguf: Path, dtype: torch.dtype):
+def _load_gguf_cached(gguf: Path, dtype: torch.dtype, **placement):
     """Load a GGUF through the conversion cache; convert (slow) and fill the cache on a miss.
 
     An entry that is incomplete (a killed conversion, a truncated file) or fails to load is converted again, with a
@@ -264,20 +301,20 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype):
         _ensure_writable(root)
         _convert_gguf(gguf, target, digest)
     try:
-        return _load_dir(target, dtype)
+        return _load_dir(target, dtype, **placement)
     except Exception as exc:
         _note(f"the cached conversion {target} does not load ({first_line(exc)}); converting {gguf.name} again")
     _ensure_writable(root)
     _remove_entry(target)
     _convert_gguf(gguf, target, digest)
-    return _load_dir(target, dtype)
+    return _load_dir(target, dtype, **placement)
 
 
-def _load_dir(target: Path, dtype: torch.dtype):
+def _load_dir(target: Path, dtype: torch.dtype, **placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True, **placement)
     return model, tok
 
 

@@ -43,6 +43,8 @@ def model_fingerprint(model) -> str:
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
+        if t.device.type == "meta":          # offloaded by accelerate (device_map): read it from its weights map
+            t = _offloaded_weight(model, name)
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLE)
         sample = flat[::step][:_SAMPLE].to("cpu", torch.float32).contiguous()
@@ -50,6 +52,19 @@ def model_fingerprint(model) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def _offloaded_weight(model, name: str) -> torch.Tensor:
+    """A weight accelerate keeps on the meta device (offloaded to disk or CPU): one tensor, from the weights map of
+    the hook of the module that holds it."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    hook = getattr(module, "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        raise KvtoolError(f"weight {name} is on the meta device and no accelerate hook holds it; load the model "
+                          "without --device-map or with more memory")
+    return weights[leaf]
 
 
 def model_meta(model, name: str | None = None) -> dict:

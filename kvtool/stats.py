@@ -60,8 +60,9 @@ class Mean(Accumulator):
         return cls(torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64))
 
     def add(self, index, total: torch.Tensor, count: float | torch.Tensor) -> None:
-        self.total[index] += total.to(torch.float64)
-        self.count[index] += count
+        # the accumulators stay on the CPU; a model on a GPU (or split over several) hands in its own device's values
+        self.total[index] += total.to(self.total.device, torch.float64)
+        self.count[index] += count.to(self.count.device) if isinstance(count, torch.Tensor) else count
 
     def value(self) -> torch.Tensor:
         """Mean where anything was counted, 0 elsewhere; float32."""
@@ -87,13 +88,13 @@ class ChannelRange(Accumulator):
         """x: [N, H_kv, D] values of one layer (N tokens)."""
         x = x.detach().float()
         lo, hi = torch.aminmax(x, dim=0)
-        self.lo[layer] = torch.minimum(self.lo[layer], lo)
-        self.hi[layer] = torch.maximum(self.hi[layer], hi)
+        self.lo[layer] = torch.minimum(self.lo[layer], lo.to(self.lo.device))
+        self.hi[layer] = torch.maximum(self.hi[layer], hi.to(self.hi.device))
         heads, dim = x.shape[1:]
         bins = _bin_index(x)                                                   # [N, H, D]
-        flat = bins + torch.arange(heads * dim).view(heads, dim) * HIST_BINS    # channel-major flat bin id
+        flat = bins + torch.arange(heads * dim, device=x.device).view(heads, dim) * HIST_BINS   # channel-major bin id
         counts = torch.bincount(flat.reshape(-1), minlength=heads * dim * HIST_BINS)
-        self.hist[layer] += counts.view(heads, dim, HIST_BINS)
+        self.hist[layer] += counts.view(heads, dim, HIST_BINS).to(self.hist.device)
 
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.lo.abs(), self.hi.abs())
@@ -137,8 +138,8 @@ class Moments(Accumulator):
         # One sample's sums in float32 (N ~ thousands: ~1e-6 relative), accumulated across samples in float64.
         x = x.detach().float().transpose(0, 1)                                 # [H, N, D]
         self.n[layer] += x.shape[1]
-        self.s[layer] += x.sum(1).double()
-        self.ss[layer] += (x.transpose(1, 2) @ x).double()
+        self.s[layer] += x.sum(1).double().to(self.s.device)
+        self.ss[layer] += (x.transpose(1, 2) @ x).double().to(self.ss.device)
 
     def pca(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean [L,H,D], eigenvalues [L,H,D] descending, basis [L,H,D,D] with eigenvectors as columns), float32.

@@ -262,7 +262,9 @@ class Tracer:
             needle[start:end] = True
         self.ctx = _SampleContext(self, ids, sample.copy_pairs.view(-1, 2).long(), needle)
         try:
-            device = next(self.model.parameters()).device
+            from kvtool.models import input_device
+
+            device = input_device(self.model)
             decoder = self.model.get_decoder()
             hidden = decoder(input_ids=ids.view(1, -1).to(device), use_cache=False).last_hidden_state  # [1, T, d]
             self._finish_sample(hidden[0])
@@ -319,7 +321,7 @@ class Tracer:
         cfg, acc = self.config, self.stats.acc
         sink = p[..., : cfg.sink].sum(-1)                                       # [H_q, n]
         cum = p.cumsum(-1)
-        abs_pos = (pos + offset).view(1, -1, 1).expand(p.shape[0], -1, 1)
+        abs_pos = (pos.to(p.device) + offset).view(1, -1, 1).expand(p.shape[0], -1, 1)
         upto = cum.gather(-1, abs_pos).squeeze(-1)
         before = cum.gather(-1, (abs_pos - cfg.recent).clamp_min(0)).squeeze(-1)
         recent = upto - before
