@@ -33,7 +33,7 @@ from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
 from kvtool.windows import window_allowed
 from kvtool.errors import KvtoolError
-from kvtool.trace import Dims, attention_modules
+from kvtool.trace import Dims, attention_modules, capped_attention
 
 DUO_ATTENTION = "kvtool_duo"
 PRESETS = {
@@ -307,22 +307,29 @@ class _DuoState:
 _ACTIVE: list[_DuoState] = []
 
 
+def _sdpa(module, query, key, value, mask, scaling=None, **kwargs):
+    """sdpa, or for a model with logit soft-capping (Gemma 2; sdpa has none) the trace's exact capped softmax."""
+    if kwargs.get("softcap") is not None:
+        return capped_attention(query, key, value, mask, scaling, kwargs["softcap"])
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+
+
 def duo_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Teacher: plain sdpa (output kept). Student: α·full + (1 − α)·streaming per KV head (out: [B, T, H_q, D])."""
     state = _ACTIVE[-1]
     layer = module.layer_idx
     if state.mode == "teacher":
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out, _ = _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if state.full_branch == "teacher":
             state.teacher[layer] = out.detach()
         return out, None
     lam = state.streaming_mask(query.shape[2], key.shape[2], query.device)
     mask = lam if attention_mask is None else (attention_mask.bool() & lam)
-    stream, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+    stream, _ = _sdpa(module, query, key, value, mask, scaling=scaling, **kwargs)
     if state.full_branch == "teacher":
         full = state.teacher[layer]
     else:
-        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        full, _ = _sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     alpha = state.gates[layer].clamp(0, 1).repeat_interleave(state.dims.group).view(1, 1, -1, 1)   # [1, 1, H_q, 1]
     return alpha * full + (1 - alpha) * stream, None
 

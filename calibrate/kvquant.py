@@ -214,8 +214,8 @@ class _Collector:
         self.w = {n: [[] for _ in range(dims.layers)] for n in NAMES}
         self.held: list = []                                                  # (name, layer, tensor in the graph)
 
-    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
-        self._take("key_pre", module.layer_idx, output)                       # [1, T, H·D] or [1, T, H, D]
+    def observe_pre_rope_key(self, module, keys: torch.Tensor) -> None:
+        self._take("key_pre", module.layer_idx, keys[None])                   # [1, T, H, D]
 
     def observe_attention(self, module, query, key, value, mask, scaling, softcap) -> None:
         self._take("key_post", module.layer_idx, key)                         # [1, H, T, D]
