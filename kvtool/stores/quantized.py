@@ -30,7 +30,7 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, tensor_bytes
+from kvtool.stores.base import Store, append_sixteen_bit, attend_sixteen_bit, register, softcap_, tensor_bytes
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -294,6 +294,7 @@ class QuantizedStore(Store):
             for blk in self.blocks:
                 # q·kᵀ with the block transposed (BLAS reads it as is; [n, D]·[D, G·t] is ~4x slower on CPU)
                 sc = torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2))      # [B, h, G·t, n]
+                softcap_(sc, scaling)
                 if blk.start + blk.n - 1 > qmin:                           # some key lies after some query
                     kpos = torch.arange(blk.start, blk.start + blk.n, device=q.device)
                     sc.masked_fill_(~self.visible(qpos, kpos).repeat(g, 1), float("-inf"))
