@@ -309,6 +309,8 @@ _ACTIVE: list[_DuoState] = []
 
 def _sdpa(module, query, key, value, mask, scaling=None, **kwargs):
     """sdpa, or for a model with logit soft-capping (Gemma 2; sdpa has none) the trace's exact capped softmax."""
+    if kwargs.get("s_aux") is not None:
+        raise KvtoolError(f"duo does not handle attention sinks (s_aux) yet ({type(module).__name__})")
     if kwargs.get("softcap") is not None:
         return capped_attention(query, key, value, mask, scaling, kwargs["softcap"])
     return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
