@@ -8,8 +8,8 @@ softmaxes merge by log-sum-exp (kvtool.stores.base.merge). Groups come greedily 
 calibration sample, in [0, 1]): layer l joins layer l−1's group while the similarity is ≥ `threshold` (default 0.5,
 PoD's value) and the group has fewer than `max_group` layers. Per layer (`per="layer"`, default) a layer's similarity
 is the minimum over its KV heads — keys of a whole layer are shared only if every KV head agrees; `per="head"`
-groups every KV head on its own. Sliding-window layers (kvtool.windows.layer_types) never join a group; explicit `groups`
-(e.g. "3-8,23-28") replace the similarity, and one spanning a sliding-window layer is refused.
+groups every KV head on its own. Sliding-window layers (kvtool.windows.layer_types) never join a group; explicit
+`groups` (e.g. "3-8,23-28") replace the similarity, and one spanning a sliding-window layer is refused.
 Caveat: the trace compares whole attention rows; PoD compares attention over distant tokens, which the trace does
 not separate, so on a profile traced with a large sink share the similarity reads high.
 

@@ -247,9 +247,9 @@ def key_source(model, module) -> tuple[torch.nn.Module, str] | None:
 
 
 def pre_rope_tokens(output: torch.Tensor, how: str, T: int, dims: Dims) -> torch.Tensor:
-    """The pre-RoPE keys of one forward of T tokens as [B·T, H_kv, D] from a key source's output (`key_source`): a projection
-    [B, T, H_kv·D], a fused projection [B, T, (H_q + 2·H_kv)·D] (keys follow the queries), or a key norm's
-    [B, T, H_kv, D] or [B, H_kv, T, D]."""
+    """The pre-RoPE keys of one forward of T tokens as [B·T, H_kv, D] from a key source's output (`key_source`): a
+    projection [B, T, H_kv·D], a fused projection [B, T, (H_q + 2·H_kv)·D] (keys follow the queries), or a key norm's
+    [B, T, H_kv, D] or [B, H_kv, T, D] (told apart by T; a T equal to H_kv is refused as ambiguous)."""
     H, D, Hq = dims.kv_heads, dims.head_dim, dims.q_heads
     shape = tuple(output.shape)
     if how == "fused" and output.dim() == 3 and shape[1] == T and shape[2] == (Hq + 2 * H) * D:

@@ -80,8 +80,8 @@ KEYS_TEXT = {"norm": "after the key norm", "proj": "`k_proj`", "fused": "key sli
 def table_markdown() -> str:
     """README.md's "Supported architectures" table, from the rows and refusals above and the models themselves (where
     the tracer finds their pre-RoPE keys)."""
-    lines = ["| family | the tiny test model has | pre-RoPE keys | compressing policies that run | refused, in one line |",
-             "|---|---|---|---|---|"]
+    lines = ["| family | the tiny test model has | pre-RoPE keys | compressing policies that run "
+             "| refused, in one line |", "|---|---|---|---|---|"]
     for name, (title, special) in FAMILY_ROWS.items():
         if name in UNTRACED:
             lines.append(f"| {title} | {special} | — | `{NO_PROFILE_POLICY}` (no profile) | "
