@@ -455,6 +455,8 @@ def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     softmax computed in chunks of query rows), statistics on the side."""
     if kwargs.get("s_aux") is not None:
         raise KvtoolError(f"the tracer does not handle attention sinks (s_aux) yet ({type(module).__name__})")
+    if _ACTIVE and isinstance(_ACTIVE[-1], _KeysArePreRope):
+        key = _ACTIVE[-1].keys(module, key)
     if kwargs.get("softcap") is not None:
         out = capped_attention(query, key, value, attention_mask, scaling, kwargs["softcap"])
     else:
@@ -489,7 +491,7 @@ AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
 def observing(model, observer, pre_rope_key=None):
     """Run `model` with the trace attention feeding `observer`; optionally feed every layer's pre-RoPE keys to
     `pre_rope_key(module, keys [B·T, H_kv, D])` (found per family by `key_source`; the keys themselves for a model
-    without RoPE; not detached). Restores the model's attention implementation and removes hooks afterwards."""
+    without RoPE; not detached: with gradients on, the model computes on from `keys`, so they get a gradient). Restores the model's attention implementation and removes hooks afterwards."""
     modules = attention_modules(model)
     previous = model.config._attn_implementation
     dims = Dims.of(model)
@@ -499,11 +501,17 @@ def observing(model, observer, pre_rope_key=None):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             tokens[mod] = hidden.shape[1]
 
+        def hook(mod, how, output):
+            keys = pre_rope_tokens(output, how, tokens[mod], dims)                # [B·T, H_kv, D]
+            pre_rope_key(mod, keys)
+            if output.requires_grad:                # the model goes on from `keys`, so gradients reach them (fisher)
+                return _rebuild(keys, output, how, dims)
+            return None
+
         for mod in modules:
             src, how = key_source(model, mod)
             handles.append(mod.register_forward_pre_hook(remember, with_kwargs=True))
-            handles.append(src.register_forward_hook(
-                lambda m, i, o, mod=mod, how=how: pre_rope_key(mod, pre_rope_tokens(o, how, tokens[mod], dims))))
+            handles.append(src.register_forward_hook(lambda m, i, o, mod=mod, how=how: hook(mod, how, o)))
     elif pre_rope_key is not None:
         observer = _KeysArePreRope(observer, pre_rope_key)
     model.set_attn_implementation(TRACE_ATTENTION)
@@ -517,14 +525,34 @@ def observing(model, observer, pre_rope_key=None):
             h.remove()
 
 
+def _rebuild(keys: torch.Tensor, output: torch.Tensor, how: str, dims: Dims) -> torch.Tensor:
+    """The key source's output rebuilt from the keys `pre_rope_tokens` read from it (same values, computed from
+    `keys`), for a forward hook to return."""
+    H, D, Hq = dims.kv_heads, dims.head_dim, dims.q_heads
+    b, t = output.shape[0], keys.shape[0] // output.shape[0]
+    if how == "fused":
+        return torch.cat([output[..., :Hq * D], keys.reshape(b, t, H * D), output[..., (Hq + H) * D:]], -1)
+    if output.dim() == 4 and tuple(output.shape[1:3]) == (H, t):
+        return keys.reshape(b, t, H, D).transpose(1, 2)
+    return keys.reshape(output.shape)
+
+
 class _KeysArePreRope:
-    """For a model without RoPE: hands the attention's keys to `pre_rope_key` as well, then to the observer."""
+    """For a model without RoPE: the attention's keys go to `pre_rope_key` as well (`keys`, called by the trace
+    attention before it attends), then everything to the observer."""
 
     def __init__(self, observer, pre_rope_key):
         self.observer, self.pre_rope_key = observer, pre_rope_key
 
+    def keys(self, module, key: torch.Tensor) -> torch.Tensor:
+        """key [B, H_kv, S, D] → the key to attend with: the same values, computed from the [B·S, H_kv, D] tensor
+        given to `pre_rope_key` when gradients are on (so that it gets a gradient)."""
+        b, h, s, d = key.shape
+        keys = key.transpose(1, 2).reshape(-1, h, d)                                     # [B·S, H_kv, D]
+        self.pre_rope_key(module, keys)
+        return keys.reshape(b, s, h, d).transpose(1, 2) if key.requires_grad else key
+
     def observe_attention(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
-        self.pre_rope_key(module, key.transpose(1, 2).reshape(-1, key.shape[1], key.shape[3]))    # [B·S, H_kv, D]
         self.observer.observe_attention(module, query, key, value, attention_mask, scaling, softcap)
 
 

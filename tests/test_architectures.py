@@ -198,6 +198,24 @@ def test_pre_rope_keys_round_trip_through_rope(name):
 
 
 @pytest.mark.parametrize("name", TRACED)
+def test_fisher_gradients_reach_the_pre_rope_keys(name):
+    """kvquant's Fisher weighting takes gradients of the pre-RoPE keys wherever the family keeps them (a key norm's
+    output, a slice of a fused projection, GPT-2's attention keys): no head falls back to uniform levels."""
+    from calibrate.kvquant import KVQuant
+    from conftest import needle_sample
+    from kvtool.api import profile_model
+    from kvtool.trace import TraceConfig
+
+    model = family_model(name)
+    samples = [needle_sample(T=128, seed=i) for i in range(2)]
+    prof = profile_model(model, samples, config=TraceConfig(sink=4, recent=16, query_samples=8))
+    kq = KVQuant(bits=(2,), vgroup=4, weighting="fisher")
+    points = kq.collect(model, samples[:1], kq.check(model, prof))
+    assert all(w is not None and (w > 0).any() for x, w in points["key_pre"])
+    assert kq.fit(points)[1] == []
+
+
+@pytest.mark.parametrize("name", TRACED)
 def test_trace_attention_is_exact(name):
     """The trace's attention returns the model's own output (soft-capped exactly for Gemma 2, where sdpa cannot)."""
     model = family_model(name)
