@@ -29,7 +29,7 @@ from calibrate import register
 from calibrate.heads import HeadsResult, top_fraction
 from kvtool.attention import DUO_ATTENTION, DUO_STATES, DuoState, switched
 from kvtool.errors import KvtoolError
-from kvtool.trace import Dims, attention_modules
+from kvtool.trace import Dims, attention_modules, capped_attention
 
 PRESETS = {
     # What the paper/public code runs (hours on GPUs for a 7B model).
@@ -287,6 +287,7 @@ _DuoState = DuoState
 
 def _duo_attention(model, state: DuoState):
     """The model runs with the duo attention function; restored afterwards (also on errors)."""
+    state.capped = capped_attention                         # exact attention for soft-capped models (Gemma 2)
     return switched(model, DUO_ATTENTION, DUO_STATES, state)
 
 

@@ -216,15 +216,15 @@ class _Collector:
         self.w = {n: [[] for _ in range(dims.layers)] for n in NAMES}
         self.held: list = []                                                  # (name, layer, tensor in the graph)
 
-    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
-        self._take("key_pre", module.layer_idx, output)                       # [1, T, H·D] or [1, T, H, D]
+    def observe_pre_rope_key(self, module, keys: torch.Tensor) -> None:
+        self._take("key_pre", module.layer_idx, keys)                         # [T, H, D] (batch 1: key_post checks)
 
     def observe_attention(self, module, query, key, value, mask, scaling, softcap) -> None:
         self._take("key_post", module.layer_idx, key)                         # [1, H, T, D]
         self._take("value", module.layer_idx, value)
 
     def _take(self, name: str, layer: int, t: torch.Tensor) -> None:
-        if t.shape[0] != 1:
+        if name != "key_pre" and t.shape[0] != 1:
             raise KvtoolError("kvquant runs one sample at a time (batch size 1)")
         if self.fisher:
             self.held.append((name, layer, t))
@@ -234,7 +234,7 @@ class _Collector:
     def _hTd(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A hooked tensor as [H, T, D]."""
         if name == "key_pre":
-            return t.reshape(-1, self.dims.kv_heads, self.dims.head_dim).transpose(0, 1)
+            return t.transpose(0, 1)                                          # [T, H, D] from kvtool.trace.observing
         return t[0]
 
     def add(self, name: str, layer: int, t: torch.Tensor, grad: torch.Tensor | None) -> None:

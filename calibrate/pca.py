@@ -154,8 +154,8 @@ class _Latents:
         self.sq = {n: torch.zeros(shape, dtype=torch.float64) for n in NAMES}  # Σ z² per latent coordinate
         self.n = {n: 0 for n in NAMES}
 
-    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
-        k = output.detach().float().reshape(-1, self.dims.kv_heads, self.dims.head_dim)   # [T, H, D]
+    def observe_pre_rope_key(self, module, keys: torch.Tensor) -> None:
+        k = keys.detach().float()   # [T, H, D]
         self._add("key", module.layer_idx, k.transpose(0, 1))
 
     def observe_attention(self, module, query, key, value, mask, scaling, softcap) -> None:

@@ -8,8 +8,8 @@ softmaxes merge by log-sum-exp (kvtool.stores.base.merge). Groups come greedily 
 calibration sample, in [0, 1]): layer l joins layer l−1's group while the similarity is ≥ `threshold` (default 0.5,
 PoD's value) and the group has fewer than `max_group` layers. Per layer (`per="layer"`, default) a layer's similarity
 is the minimum over its KV heads — keys of a whole layer are shared only if every KV head agrees; `per="head"`
-groups every KV head on its own. Sliding-window layers (config `layer_types`) never join a group; explicit `groups`
-(e.g. "3-8,23-28") replace the similarity, and one spanning a sliding-window layer is refused.
+groups every KV head on its own. Sliding-window layers (kvtool.windows.layer_types) never join a group; explicit
+`groups` (e.g. "3-8,23-28") replace the similarity, and one spanning a sliding-window layer is refused.
 Caveat: the trace compares whole attention rows; PoD compares attention over distant tokens, which the trace does
 not separate, so on a profile traced with a large sink share the similarity reads high.
 
@@ -40,6 +40,7 @@ from kvtool.errors import KvtoolError
 from kvtool.sharing import (SECTION, check_threshold, fit_maps, group_ids, group_layers, map_error, parse_groups,
                             sliding_layers, spans)
 from kvtool.trace import Dims, attention_modules, observing
+from kvtool.windows import layer_types
 
 
 @register("pod")
@@ -113,8 +114,7 @@ class PoD:
         """Refuse bad input before any work; the leader layer of every (layer, KV head): [L, H] int64."""
         attention_modules(model)
         dims = Dims.of(model)
-        layer_types = getattr(model.config.get_text_config(), "layer_types", None)
-        excluded = sliding_layers(layer_types)
+        excluded = sliding_layers(layer_types(model.config.get_text_config()))
         if self.groups is not None:
             if self.per != "layer":
                 raise KvtoolError("--groups are whole layers; leave --per at layer")
@@ -181,9 +181,9 @@ class _CrossMoments:
         self.xtx, self.xty, self.yty = (torch.zeros(L, H, D, D, dtype=f64) for _ in range(3))
         self.keys: dict[int, torch.Tensor] = {}
 
-    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
+    def observe_pre_rope_key(self, module, keys: torch.Tensor) -> None:
         layer = module.layer_idx
-        k = output.detach().float().reshape(-1, self.dims.kv_heads, self.dims.head_dim).transpose(0, 1)   # [H, T, D]
+        k = keys.detach().float().transpose(0, 1)   # [H, T, D]
         self.keys[layer] = k
         for h in range(self.dims.kv_heads):
             src = int(self.leader[layer, h])

@@ -2,12 +2,13 @@
 AttentionMaskInterface), here and nowhere else:
 
 * "kvtool": the runtime's attention over a `CompressedCache` (below);
-* "kvtool_trace": the trace's exact sdpa with statistics on the side (`trace_attention`, fed to kvtool.trace's
-  observers through `TRACE_OBSERVERS`);
+* "kvtool_trace": the trace's exact attention with statistics on the side (`trace_attention` calls the forward that
+  kvtool.trace.observing pushes on `TRACE_OBSERVERS`, kvtool.trace.trace_forward);
 * "kvtool_duo": DuoAttention's gated full/streaming mix used to train the gates (`duo_attention`, `DuoState`; used
   by calibrate/duo.py).
 
-A low module: it imports nothing from the runtime's stores or cache, nor from calibrate/ (the "kvtool" function reads
+A low module: it imports nothing from the runtime's stores or cache, nor from kvtool.trace or calibrate/ (the score
+algebra it shares with the stores is kvtool.scores; (the "kvtool" function reads
 a layer through the object the cache tags its keys with).
 
 The "kvtool" attention:
@@ -30,33 +31,60 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvtool.errors import KvtoolError
-from kvtool.windows import window_allowed
+from kvtool.scores import Scaling, partial
+from kvtool.windows import causal_allowed, sliding_allowed, window_allowed
 
 KVTOOL_ATTENTION = "kvtool"
 TRACE_ATTENTION = "kvtool_trace"
 DUO_ATTENTION = "kvtool_duo"
 
 
-def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """query [B, H_q, t, D] → ([B, t, H_q, D], None)."""
+def kvtool_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                     sliding_window=None, s_aux=None, **kwargs):
+    """query [B, H_q, t, D] → ([B, t, H_q, D], None). Honours what the model passes: its `scaling`, logit soft-capping
+    (`softcap`, Gemma 2), a sliding window (`sliding_window`; the stores keep it by themselves) and attention sinks
+    (`s_aux` [H_q]: one learned logit per query head that takes its share of the softmax and adds no value)."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scale = Scaling(scaling, softcap)
     layer = getattr(key, "kvtool_layer", None)
     if layer is None:
-        b, hq, t, d = query.shape
-        s = key.shape[2]
-        causal = torch.arange(s, device=query.device).view(1, -1) <= torch.arange(s - t, s, device=query.device).view(-1, 1)
-        o = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling,
-                                                             enable_gqa=hq != key.shape[1])
-        return o.transpose(1, 2), None
-    return attend_layer(layer, query, scaling), None
+        return plain_attention(query, key, value, scale, sliding_window, s_aux), None
+    return attend_layer(layer, query, scale, s_aux), None
 
 
-def attend_layer(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def plain_attention(query, key, value, scaling, sliding_window=None, sinks=None) -> torch.Tensor:
+    """Attention with any other cache (or none): the t queries are the last t of the S keys; causal, within
+    `sliding_window` when set → [B, t, H_q, D]. Plain sdpa when there is nothing else to honour."""
+    b, hq, t, d = query.shape
+    s = key.shape[2]
+    qpos, kpos = torch.arange(s - t, s, device=query.device), torch.arange(s, device=query.device)
+    allowed = sliding_allowed(qpos, kpos, sliding_window) if sliding_window else causal_allowed(qpos, kpos)
+    if getattr(scaling, "softcap", None) is None and sinks is None:
+        o = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
+                                                             scale=float(scaling), enable_gqa=hq != key.shape[1])
+        return o.transpose(1, 2)
+    o, lse = partial(query, key, value, scaling, None if bool(allowed.all()) else allowed)
+    return with_sinks(o, lse, sinks).transpose(1, 2).to(query.dtype)
+
+
+def with_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, heads=None) -> torch.Tensor:
+    """A partial result over every key (o [B, h, t, D], lse [B, h, t]) with the sink logits of its query heads
+    (sinks [H_q], `heads` the index of these h heads, None: all) in the softmax's denominator: o · σ(lse − sink)."""
+    if sinks is None:
+        return o
+    sink = sinks.float() if heads is None else sinks.float()[heads]
+    return o * torch.sigmoid(lse - sink.view(1, -1, 1)).unsqueeze(-1)
+
+
+def attend_layer(layer, query: torch.Tensor, scaling: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of query [B, H_q, t, D] over a StoreLayer's stores → [B, t, H_q, D] in query.dtype."""
     b, hq, t, d = query.shape
     k, v, pos = layer.pending                                            # [B, H_kv, t, D] ×2, [t]
     groups = layer.groups
-    out = None if len(groups) == 1 and groups[0].q_heads is None else query.new_empty(b, t, hq, d)
-    fused = t == 1 and layer.backend == "cupy"
+    out = None if len(groups) == 1 and groups[0].q_heads is None and sinks is None else query.new_empty(b, t, hq, d)
+    plain = getattr(scaling, "softcap", None) is None and sinks is None   # what the fused kernels compute
+    fused = t == 1 and layer.backend == "cupy" and plain
     for group in groups:
         store = group.store
         q_sel, kv_sel = _selectors(group)                                # slices where the heads are a range
@@ -64,11 +92,11 @@ def attend_layer(layer, query: torch.Tensor, scaling: float) -> torch.Tensor:
         kn, vn = k[:, kv_sel], v[:, kv_sel]
         if fused and getattr(store, "fused_ok", lambda: False)() and fused_shapes_ok(store, d):
             store.append(kn, vn, pos)
-            o = store.fused_decode(q[:, :, 0], scaling).unsqueeze(1)    # [B, 1, h·G, D]
+            o = store.fused_decode(q[:, :, 0], float(scaling)).unsqueeze(1)    # [B, 1, h·G, D]
         else:
-            o, _ = store.attend(q, pos, scaling, new=(kn, vn))            # [B, h·G, t, D] float32
+            o, lse = store.attend(q, pos, scaling, new=(kn, vn))         # [B, h·G, t, D] float32, [B, h·G, t]
             store.append(kn, vn, pos)
-            o = o.transpose(1, 2)
+            o = with_sinks(o, lse, sinks, group.q_heads).transpose(1, 2)
         if out is None:                                                  # one store over every head
             out = o.to(query.dtype).contiguous()
         else:
@@ -121,15 +149,31 @@ def use_kvtool_attention(model) -> None:
 
 
 # -- the trace's attention (kvtool.trace) ------------------------------------------------------------------------
-TRACE_OBSERVERS: list = []   # observers with observe_attention(module, query, key, value, mask, scaling, softcap)
+TRACE_OBSERVERS: list = []   # kvtool.trace's active traces, each with .forward(module, query, key, value, mask, ...)
 
 
 def trace_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Exact sdpa output; the innermost active observer (kvtool.trace.observing) sees the inputs on the side."""
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    """Exact attention output, with the inputs seen on the side: the innermost entry of TRACE_OBSERVERS (pushed by
+    kvtool.trace.observing) computes it (`.forward`, kvtool.trace.trace_forward); plain sdpa when none is active."""
     if TRACE_OBSERVERS:
-        TRACE_OBSERVERS[-1].observe_attention(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
-    return out
+        return TRACE_OBSERVERS[-1].forward(module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def exact_attention(module, query, key, value, mask, scaling=None, capped=None, **kwargs):
+    """sdpa, or for a model with logit soft-capping (Gemma 2; sdpa has none) `capped` (the trace's exact capped
+    softmax, kvtool.trace.capped_attention, handed in by the caller); a model with attention sinks (s_aux) is refused
+    in one line (training and tracing do not handle them yet)."""
+    if kwargs.get("s_aux") is not None:
+        raise KvtoolError(f"attention sinks (s_aux) are not handled by kvtool's trace and duo yet "
+                          f"({type(module).__name__})")
+    if kwargs.get("softcap") is not None:
+        if capped is None:
+            raise KvtoolError(f"logit soft-capping needs the exact capped attention ({type(module).__name__})")
+        return capped(query, key, value, mask, scaling, kwargs["softcap"])
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
 
 
 # -- DuoAttention's gated attention (calibrate/duo.py, arXiv 2410.10819) ----------------------------------------
@@ -140,6 +184,7 @@ class DuoState:
     def __init__(self, gates, dims, sink: int, recent: int, full_branch: str):
         self.gates, self.dims, self.sink, self.recent, self.full_branch = gates, dims, sink, recent, full_branch
         self.mode = "teacher"
+        self.capped = None                  # exact soft-capped attention (kvtool.trace.capped_attention), set by duo
         self.teacher: dict[int, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 
@@ -156,21 +201,24 @@ DUO_STATES: list[DuoState] = []
 
 
 def duo_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Teacher: plain sdpa (output kept). Student: α·full + (1 − α)·streaming per KV head (out: [B, T, H_q, D])."""
+    """Teacher: exact attention (output kept). Student: α·full + (1 − α)·streaming per KV head (out: [B, T, H_q, D])."""
     state = DUO_STATES[-1]
     layer = module.layer_idx
     if state.mode == "teacher":
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out, _ = exact_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                 capped=state.capped, **kwargs)
         if state.full_branch == "teacher":
             state.teacher[layer] = out.detach()
         return out, None
     lam = state.streaming_mask(query.shape[2], key.shape[2], query.device)
     mask = lam if attention_mask is None else (attention_mask.bool() & lam)
-    stream, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+    stream, _ = exact_attention(module, query, key, value, mask, scaling=scaling, capped=state.capped,
+                                **kwargs)
     if state.full_branch == "teacher":
         full = state.teacher[layer]
     else:
-        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        full, _ = exact_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                 capped=state.capped, **kwargs)
     alpha = state.gates[layer].clamp(0, 1).repeat_interleave(state.dims.group).view(1, 1, -1, 1)   # [1, 1, H_q, 1]
     return alpha * full + (1 - alpha) * stream, None
 

@@ -38,8 +38,8 @@ from kvtool.select import top_fraction
 from kvtool.stores import (QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
                            storage_dtype)
 from kvtool.stores.lowrank import LowRankStore
-from kvtool.trace import Dims
-from kvtool.windows import window_allowed  # noqa: F401  (re-exported: the streaming rule)
+from kvtool.trace import Dims, has_rope
+from kvtool.windows import layer_types, window_allowed  # noqa: F401  (window_allowed: re-exported)
 
 
 def retrieval_heads(policy: Policy, profile, dims: Dims) -> torch.Tensor:
@@ -225,9 +225,11 @@ def _q_index(kv_heads: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def sliding_window(model) -> tuple[list[bool], int | None]:
-    """Which layers are the model's own sliding-window layers, and their window (config.sliding_window)."""
+    """Which layers are the model's own sliding-window layers, and their window (config.sliding_window): those of
+    `layer_types` "sliding_attention" (Gemma 2/3, Qwen 2/3), or every layer of a model without `layer_types` whose
+    config sets a sliding window (Mistral, Phi-3: their masks slide on every layer)."""
     cfg = model.config.get_text_config()
-    types = getattr(cfg, "layer_types", None) or []
+    types = layer_types(cfg)
     sliding = [t == "sliding_attention" for t in types]
     other = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if other:
@@ -326,7 +328,9 @@ class CompressedCache(Cache):
 
             rope = RopeTable.of(model, d.head_dim)
             if rope is None:
-                raise KvtoolError("policy pod=map needs a model with a full-width rotary embedding (model.rotary_emb)")
+                raise KvtoolError(f"policy pod=map maps pre-RoPE keys and needs a full-width rotary embedding; "
+                                  f"{type(model).__name__} has {'a partial one' if has_rope(model) else 'no RoPE'}: "
+                                  "use pod=on")
         banks = {}
         for j in range(d.layers):
             later = (leader[j + 1:] == j) & self.retrieval[j + 1:]                     # [L-j-1, H]

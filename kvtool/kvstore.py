@@ -7,6 +7,7 @@ KVQuant arXiv 2401.18079); values use per-token group ranges (KIVI arXiv 2402.02
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -21,18 +22,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RopeTable:
     """cos/sin [n, D] (float32) for positions 0..n-1 from a model's own rotary embedding, grown on demand; shared by
-    every layer of a cache (the rotation does not depend on the layer)."""
+    every layer of a cache of one layer type (the rotation does not depend on the layer). A rotary embedding with one
+    table per layer type (Gemma 3: sliding layers have their own base) is read for `layer_type`."""
 
-    def __init__(self, rotary):
-        self.rotary = rotary
+    def __init__(self, rotary, layer_type: str | None = None):
+        self.rotary, self.layer_type = rotary, layer_type
         self.cos = self.sin = self.sin_signed = None
 
     @classmethod
-    def of(cls, model, head_dim: int) -> "RopeTable | None":
+    def of(cls, model, head_dim: int, layer_type: str = "full_attention") -> "RopeTable | None":
+        """The table of `model`'s layers of `layer_type` (full-attention layers unless told; only a rotary embedding
+        that takes a layer type reads it); None without a rotary embedding (GPT-2) or with a partial one."""
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         if rotary is None:
             return None
-        table = cls(rotary)
+        typed = "layer_type" in inspect.signature(rotary.forward).parameters
+        table = cls(rotary, layer_type if typed else None)
         cos, _ = table.get(0, 1, torch.device("cpu"))
         return table if cos.shape[-1] == head_dim else None          # partial rotary: not supported
 
@@ -41,7 +46,8 @@ class RopeTable:
             n = max(end, 2 * (0 if self.cos is None else self.cos.shape[0]), 64)
             pos = torch.arange(n, device=device).view(1, -1)
             dev_x = torch.zeros(1, device=device, dtype=torch.float32)
-            cos, sin = self.rotary(dev_x, pos)                        # [1, n, D]
+            typed = {} if self.layer_type is None else {"layer_type": self.layer_type}
+            cos, sin = self.rotary(dev_x, pos, **typed)               # [1, n, D]
             self.cos, self.sin = cos[0].float(), sin[0].float()
             half = self.sin.shape[-1] // 2
             self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], -1)

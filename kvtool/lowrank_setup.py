@@ -8,6 +8,7 @@ import torch
 from kvtool import quant
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import RopeTable
+from kvtool.trace import has_rope
 from kvtool.lowrank import NAMES, SECTION, LowRank, choose_rank
 from kvtool.stores.lowrank import Latent
 
@@ -45,9 +46,9 @@ def lowrank_formats(model, profile, policy, dims, retrieval: torch.Tensor) -> li
     if any(f"{SECTION}.{n}.basis" not in profile for n in NAMES):
         raise KvtoolError(f"policy {name}={spec}: the profile has no {SECTION} section ({HINT})")
     rope = RopeTable.of(model, dims.head_dim)
-    if rope is None:
-        raise KvtoolError(f"policy {name}={spec} keeps keys pre-RoPE and needs a model with a full-width rotary "
-                          "embedding (model.rotary_emb)")
+    if rope is None and has_rope(model):
+        raise KvtoolError(f"policy {name}={spec} keeps keys pre-RoPE and needs a full-width rotary embedding; "
+                          f"{type(model).__name__}'s is partial")                # none at all (GPT-2): keys as they are
     if dims.head_dim % 8 and (policy.k < 16 or policy.v < 16):
         raise KvtoolError(f"head_dim {dims.head_dim} is not a multiple of 8; a latent cannot be packed")
     kinds = {}

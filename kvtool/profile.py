@@ -254,18 +254,21 @@ class Profile:
                     raise KvtoolError(f"{where}: {name} contains NaN")
 
     def check_model(self, model) -> None:
-        """Refuse a profile made for another model (shape mismatch, or same shape but other weights)."""
-        other = model_meta(model)
-        for key in ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim"):
-            if self.model.get(key) != other[key]:
-                raise KvtoolError(
-                    f"profile was made for another model: {key} is {self.model.get(key)} in the profile "
-                    f"({self.model.get('architecture')}) but {other[key]} in {other['architecture']}"
-                )
+        """Refuse a profile made for another model (shape mismatch, or same shape but other weights), in one line
+        that names both models (name, architecture) and, for a shape mismatch, both shapes."""
+        other = model_meta(model, name=getattr(model, "kvtool_name", None))
+        keys = ("num_layers", "num_attention_heads", "num_kv_heads", "head_dim")
+        wrong = [k for k in keys if self.model.get(k) != other[k]]
+        if wrong:
+            raise KvtoolError(
+                f"profile was made for another model: {_model_words(self.model, True)}, not "
+                f"{_model_words(other, True)} ({wrong[0]} differs)"
+            )
         if self.model.get("fingerprint") != other["fingerprint"]:
             raise KvtoolError(
                 f"profile was made for a different model (fingerprint {str(self.model.get('fingerprint'))[:12]} "
-                f"!= {other['fingerprint'][:12]}): same shapes, other weights"
+                f"!= {other['fingerprint'][:12]}): same shapes, other weights ({_model_words(self.model)} vs "
+                f"{_model_words(other)})"
             )
 
     # -- files -------------------------------------------------------------------------------------------------
@@ -313,6 +316,15 @@ class Profile:
         if model is not None:
             profile.check_model(model)
         return profile
+
+
+def _model_words(record: dict, shape: bool = False) -> str:
+    """A `kvtool.model` record in words: "<name> (<architecture>[: <shape>])"; the architecture first without a
+    name."""
+    arch = record.get("architecture") or "unknown architecture"
+    inside = f"{arch}: {record.get('num_layers')} layers, {record.get('num_attention_heads')} query / " \
+             f"{record.get('num_kv_heads')} KV heads of {record.get('head_dim')}" if shape else arch
+    return f"{record['name']} ({inside})" if record.get("name") else f"({inside})" if shape else str(arch)
 
 
 def read_file(path: Path, tensors: bool = False) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ import torch
 from kvtool import quant, sections
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
+from kvtool.trace import has_rope
 
 
 def quant_formats(model, profile, policy, dims, retrieval: torch.Tensor) -> list[tuple]:
@@ -46,7 +47,9 @@ def _key_formats(model, profile, policy, dims, retrieval) -> list[KeyFormat]:
     if policy.krope == "pre":
         rope = RopeTable.of(model, dims.head_dim)
         if rope is None:
-            raise KvtoolError("policy krope=pre needs a model with a full-width rotary embedding (model.rotary_emb)")
+            raise KvtoolError(f"policy krope=pre needs a model with a full-width rotary embedding; "
+                              f"{type(model).__name__} has {'a partial one' if has_rope(model) else 'no RoPE (its keys carry no rotation)'}: "
+                              "use krope=post")
     lo, hi = quant.key_range(profile, policy.krope, policy.kclip)             # [L, H, D]
     levels = _codebook(profile, f"key_{policy.krope}", policy.k, policy)     # [L, H, 2^b] or None
     out = []

@@ -12,8 +12,11 @@ side, feeds `TraceStats`:
     to the token being produced (Retrieval Head copy score, arXiv 2404.15574); a sample's hits count only when
     the model, teacher-forced, predicts more than `recall_threshold` of the answer tokens;
   - the last `window` queries: Jensen-Shannon similarity of adjacent layers' rows, per head (PoD, arXiv 2412.02252);
-* every token's keys before RoPE (output of `k_norm` if the module has one, else `k_proj`), after RoPE and values:
-  per-channel min / max / histogram (quantiles) and moments for PCA (KVQuant arXiv 2401.18079, KIVI 2402.02750).
+* every token's keys before RoPE, after RoPE and values: per-channel min / max / histogram (quantiles) and moments
+  for PCA (KVQuant arXiv 2401.18079, KIVI 2402.02750). Pre-RoPE keys are the output of the attention's key norm
+  where it has one (Qwen 3, Gemma 3; in either layout, [B, T, H_kv, D] or [B, H_kv, T, D]), else of `k_proj`, else
+  the key slice of a fused `qkv_proj` (Phi-3); a model without rotary embeddings (GPT-2) has no RoPE to undo, and
+  its "pre-RoPE" statistics are those of its keys (`key_source`).
 
 Statistics are kept per query head ([L, H_q]); `TraceStats.derive()` aggregates a KV group as documented there.
 """
@@ -25,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvtool.attention import TRACE_ATTENTION, TRACE_OBSERVERS, switched
 from kvtool.errors import KvtoolError
@@ -207,12 +211,59 @@ def check_lengths(model, seq_len: int, config: TraceConfig, limit: int | None = 
 
 
 def attention_modules(model) -> list:
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    """The self-attention modules (one per layer, with a `layer_idx`): Llama-style (k_proj / v_proj), fused qkv_proj
+    (Phi-3) or GPT-2's c_attn."""
+    mods = [m for m in model.modules() if getattr(m, "layer_idx", None) is not None
+            and not getattr(m, "is_cross_attention", False)
+            and ((hasattr(m, "k_proj") and hasattr(m, "v_proj")) or hasattr(m, "qkv_proj") or hasattr(m, "c_attn"))]
     if not mods:
         raise KvtoolError(
-            f"the tracer does not understand {type(model).__name__}: no attention modules with k_proj/v_proj and a layer_idx"
+            f"the tracer does not understand {type(model).__name__}: no attention modules with k_proj/v_proj, "
+            "qkv_proj or c_attn and a layer_idx"
         )
     return mods
+
+
+def has_rope(model) -> bool:
+    """Whether the model rotates keys by position (a rotary embedding on the decoder); GPT-2 does not."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return any(hasattr(m, "rotary_emb") for m in (model, getattr(model, "model", None), decoder) if m is not None)
+
+
+def key_source(model, module) -> tuple[torch.nn.Module, str] | None:
+    """Where `module`'s pre-RoPE keys come out: (submodule, how) with how "norm" (a key norm), "proj" (k_proj), or
+    "fused" (the key slice of qkv_proj); None for a model without RoPE (its keys are taken in the attention call)."""
+    if not has_rope(model):
+        return None
+    if getattr(module, "k_norm", None) is not None:
+        return module.k_norm, "norm"
+    if hasattr(module, "k_proj"):
+        return module.k_proj, "proj"
+    if hasattr(module, "qkv_proj"):
+        return module.qkv_proj, "fused"
+    raise KvtoolError(f"the tracer cannot find the pre-RoPE keys of {type(module).__name__} "
+                      "(no k_norm, k_proj or qkv_proj)")
+
+
+def pre_rope_tokens(output: torch.Tensor, how: str, T: int, dims: Dims) -> torch.Tensor:
+    """The pre-RoPE keys of one forward of T tokens as [B·T, H_kv, D] from a key source's output (`key_source`): a
+    projection [B, T, H_kv·D], a fused projection [B, T, (H_q + 2·H_kv)·D] (keys follow the queries), or a key norm's
+    [B, T, H_kv, D] or [B, H_kv, T, D] (told apart by T; a T equal to H_kv is refused as ambiguous)."""
+    H, D, Hq = dims.kv_heads, dims.head_dim, dims.q_heads
+    shape = tuple(output.shape)
+    if how == "fused" and output.dim() == 3 and shape[1] == T and shape[2] == (Hq + 2 * H) * D:
+        return output[..., Hq * D:(Hq + H) * D].reshape(-1, H, D)
+    if how == "proj" and output.dim() == 3 and shape[1] == T and shape[2] == H * D:
+        return output.reshape(-1, H, D)
+    if how == "norm" and output.dim() == 3 and shape[1] == T and shape[2] == H * D:
+        return output.reshape(-1, H, D)
+    if how == "norm" and output.dim() == 4 and shape[3] == D and T != H:
+        if shape[1:3] == (T, H):
+            return output.reshape(-1, H, D)
+        if shape[1:3] == (H, T):
+            return output.transpose(1, 2).reshape(-1, H, D)
+    raise KvtoolError(f"the tracer cannot read pre-RoPE keys of shape {list(shape)} from the key {how} "
+                      f"({T} tokens, {H} KV heads of {D})")
 
 
 class _SampleContext:
@@ -283,12 +334,12 @@ class Tracer:
             acc["copy"].add(slice(None), ctx.hits, ctx.copy_query.numel())
 
     # -- called from the attention function and the hooks ----------------------------------------------------
-    def observe_pre_rope_key(self, module, output: torch.Tensor) -> None:
+    def observe_pre_rope_key(self, module, keys: torch.Tensor) -> None:
+        """keys: [T, H_kv, D] (see `observing`)."""
         if self.ctx is None:
             return
-        _check_finite(module.layer_idx, "pre-RoPE key", output)
-        k = output.detach().float()
-        k = k.reshape(k.shape[0] * k.shape[1], -1, self.dims.head_dim)        # [T, H_kv, D]
+        k = keys.detach().float()
+        _check_finite(module.layer_idx, "pre-RoPE key", k)
         layer = module.layer_idx
         self.stats.acc["key_pre"].add(layer, k)
         self.stats.acc["key_pre_moments"].add(layer, k)
@@ -396,22 +447,114 @@ class RowMaker:
         return torch.softmax(scores, -1)
 
 
+class _Tracing:
+    """What `observing` pushes on kvtool.attention.TRACE_OBSERVERS: an observer and the trace's forward, which the
+    registered "kvtool_trace" attention calls."""
+
+    def __init__(self, observer):
+        self.observer = observer
+
+    def forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        return trace_forward(self.observer, module, query, key, value, attention_mask, dropout=dropout,
+                             scaling=scaling, **kwargs)
+
+
+def trace_forward(observer, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The trace's attention: exact sdpa output (or, with logit soft-capping, which sdpa lacks, the exact softmax
+    computed in chunks of query rows); `observer` sees the inputs on the side."""
+    if kwargs.get("s_aux") is not None:
+        raise KvtoolError(f"the tracer does not handle attention sinks (s_aux) yet ({type(module).__name__})")
+    if isinstance(observer, _KeysArePreRope):
+        key = observer.keys(module, key)
+    if kwargs.get("softcap") is not None:
+        out = capped_attention(query, key, value, attention_mask, scaling, kwargs["softcap"])
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)
+    observer.observe_attention(module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    return out
+
+
+def capped_attention(query, key, value, mask, scaling, softcap, chunk: int = 64):
+    """Soft-capped attention (Gemma 2) of query [B, H_q, T, D] over key, value [B, H_kv, S, D] with the trace's mask,
+    chunk by chunk of query rows (never the whole T×S matrix) → ([B, T, H_q, D], None)."""
+    b, hq, t, d = query.shape
+    group = hq // key.shape[1]
+    out = query.new_empty(b, t, hq, value.shape[-1])
+    for i in range(b):
+        rows = RowMaker(query[i].float(), key[i].float(), None if mask is None else mask[i:i + 1], scaling, softcap,
+                        group)
+        v = value[i].float().repeat_interleave(group, 0)                                 # [H_q, S, D]
+        for part in torch.arange(t).split(chunk):
+            p = rows(part)                                                               # [H_q, n, S']
+            out[i, part] = (p @ v[:, :p.shape[-1]]).transpose(0, 1).to(out.dtype)
+    return out, None
+
+
+
 @contextmanager
 def observing(model, observer, pre_rope_key=None):
-    """Run `model` with the trace attention feeding `observer`; optionally hook pre-RoPE keys into
-    `pre_rope_key(module, output)`. Restores the model's attention implementation and removes hooks afterwards."""
+    """Run `model` with the trace attention feeding `observer`; optionally feed every layer's pre-RoPE keys to
+    `pre_rope_key(module, keys [B·T, H_kv, D])` (found per family by `key_source`; the keys themselves for a model
+    without RoPE; not detached: with gradients on, the model computes on from `keys`, so they get a gradient). Restores the model's attention implementation and removes hooks afterwards."""
     modules = attention_modules(model)
-    handles = []
-    if pre_rope_key is not None:
+    dims = Dims.of(model)
+    handles, tokens = [], {}
+    if pre_rope_key is not None and has_rope(model):
+        def remember(mod, args, kwargs):                                   # the forward's token count T
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            tokens[mod] = hidden.shape[1]
+
+        def hook(mod, how, output):
+            keys = pre_rope_tokens(output, how, tokens[mod], dims)                # [B·T, H_kv, D]
+            pre_rope_key(mod, keys)
+            if output.requires_grad:                # the model goes on from `keys`, so gradients reach them (fisher)
+                return _rebuild(keys, output, how, dims)
+            return None
+
         for mod in modules:
-            src = getattr(mod, "k_norm", None) or mod.k_proj
-            handles.append(src.register_forward_hook(lambda m, i, o, mod=mod: pre_rope_key(mod, o)))
+            src, how = key_source(model, mod)
+            handles.append(mod.register_forward_pre_hook(remember, with_kwargs=True))
+            handles.append(src.register_forward_hook(lambda m, i, o, mod=mod, how=how: hook(mod, how, o)))
+    elif pre_rope_key is not None:
+        observer = _KeysArePreRope(observer, pre_rope_key)
     try:
-        with switched(model, TRACE_ATTENTION, TRACE_OBSERVERS, observer):
+        with switched(model, TRACE_ATTENTION, TRACE_OBSERVERS, _Tracing(observer)):
             yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _rebuild(keys: torch.Tensor, output: torch.Tensor, how: str, dims: Dims) -> torch.Tensor:
+    """The key source's output rebuilt from the keys `pre_rope_tokens` read from it (same values, computed from
+    `keys`), for a forward hook to return."""
+    H, D, Hq = dims.kv_heads, dims.head_dim, dims.q_heads
+    b, t = output.shape[0], keys.shape[0] // output.shape[0]
+    if how == "fused":
+        return torch.cat([output[..., :Hq * D], keys.reshape(b, t, H * D), output[..., (Hq + H) * D:]], -1)
+    if output.dim() == 4 and tuple(output.shape[1:3]) == (H, t):
+        return keys.reshape(b, t, H, D).transpose(1, 2)
+    return keys.reshape(output.shape)
+
+
+class _KeysArePreRope:
+    """For a model without RoPE: the attention's keys go to `pre_rope_key` as well (`keys`, called by the trace
+    attention before it attends), then everything to the observer."""
+
+    def __init__(self, observer, pre_rope_key):
+        self.observer, self.pre_rope_key = observer, pre_rope_key
+
+    def keys(self, module, key: torch.Tensor) -> torch.Tensor:
+        """key [B, H_kv, S, D] → the key to attend with: the same values, computed from the [B·S, H_kv, D] tensor
+        given to `pre_rope_key` when gradients are on (so that it gets a gradient)."""
+        b, h, s, d = key.shape
+        keys = key.transpose(1, 2).reshape(-1, h, d)                                     # [B·S, H_kv, D]
+        self.pre_rope_key(module, keys)
+        return keys.reshape(b, s, h, d).transpose(1, 2) if key.requires_grad else key
+
+    def observe_attention(self, module, query, key, value, attention_mask, scaling, softcap) -> None:
+        self.observer.observe_attention(module, query, key, value, attention_mask, scaling, softcap)
 
 
 def _tracing(tracer: Tracer):

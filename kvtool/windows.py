@@ -23,3 +23,14 @@ def sliding_allowed(qpos: torch.Tensor, kpos: torch.Tensor, window: int) -> torc
     sees the keys at most `window - 1` positions before it (transformers' sliding_window_overlay)."""
     q, k = qpos.view(-1, 1), kpos.view(1, -1)
     return (k <= q) & (q - k < window)
+
+
+def layer_types(config) -> list[str]:
+    """A text config's layer types: its `layer_types` ("full_attention", "sliding_attention", ...), else every layer
+    "sliding_attention" when it sets a sliding window without naming layer types (Mistral, Phi-3: their masks slide
+    on every layer), else every layer "full_attention"."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if not types:
+        kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+        types = [kind] * config.num_hidden_layers
+    return types

@@ -107,11 +107,11 @@ def test_bad_method_inputs():
     with pytest.raises(KvtoolError, match="unknown calibration method 'nope'"):
         calibrate.get("nope")
     assert {"razor", "retrieval"} <= set(calibrate.names())
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import MambaConfig, MambaForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=256))
-    with pytest.raises(KvtoolError, match="does not understand GPT2LMHeadModel"):
-        run_calibration(gpt2, None, "razor", options={"probe_len": 16})
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4))
+    with pytest.raises(KvtoolError, match="does not understand MambaForCausalLM"):
+        run_calibration(mamba, None, "razor", options={"probe_len": 16})
     with pytest.raises(KvtoolError, match="bad option for --method razor"):
         run_calibration(tiny_model("gqa"), None, "razor", options={"bogus": 1})
     with pytest.raises(KvtoolError, match="probe too short"):

@@ -105,7 +105,8 @@ def test_profile_for_another_model_is_refused(prof, tmp_path):
     path = prof.save(tmp_path / "p.kv.st")
     with pytest.raises(KvtoolError, match="different model \\(fingerprint"):
         Profile.load(path, model=tiny_model("gqa", seed=1))
-    with pytest.raises(KvtoolError, match="num_layers is 3 in the profile"):
+    with pytest.raises(KvtoolError,
+                       match="LlamaForCausalLM: 3 layers, 4 query / 2 KV heads of 16\\), not \\(LlamaForCausalLM: 2 layers"):
         Profile.load(path, model=tiny_model("gqa", layers=2))
     with pytest.raises(KvtoolError, match="num_kv_heads"):
         Profile.load(path, model=tiny_model("mha"))

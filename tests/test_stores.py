@@ -28,7 +28,7 @@ from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
 from kvtool.stores import STORES, QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore, WindowStore, merge, partial
 from kvtool.lowrank import LowRank
 from kvtool.lowrank_setup import latent
-from kvtool.stores.base import empty_partial
+from kvtool.stores.base import Scaling, empty_partial
 from kvtool.stores.lowrank import LowRankStore
 
 B, H, G, D, T = 1, 2, 2, 16, 45          # batch, KV heads, query heads per KV head, head_dim, tokens
@@ -209,6 +209,39 @@ def test_blocked_read_equals_whole_read(name):
     ref, ref_lse = partial(qq, kk, vv, 0.25, store.visible(qpos, kpos))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_softcapped_scores_in_every_store(name):
+    """With a soft-capped scaling (Gemma 2: scores tanh(s / cap) · cap), every store's attend — its blocked body
+    included — equals a plain capped softmax over what it holds (written out here, not through `partial`), in the
+    chunked prefill / decode pattern and after everything is held; and the cap changes the result."""
+    case = CASES[name]
+    q, k, v = _keys(2)
+    cap = Scaling(0.25, softcap=1.5)
+    store = case.make(k)
+    store.append(k[:, :, :T - 5], v[:, :, :T - 5], torch.arange(T - 5))
+    qpos = torch.arange(T - 5, T)
+    got, lse = store.attend(q[:, :, T - 5:], qpos, cap, new=(k[:, :, T - 5:], v[:, :, T - 5:]))
+    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore)):
+        kk, vv, kpos = store.read()
+    elif isinstance(store, WindowStore):
+        kk, vv, kpos = torch.cat([store.sink_k, store.recent_k], 2), torch.cat([store.sink_v, store.recent_v], 2), \
+            store.positions()
+    else:
+        kk, vv, kpos = store.k, store.v, torch.arange(T - 5 - len(store), T - 5)
+    kk, vv = torch.cat([kk.float(), k[:, :, T - 5:]], 2), torch.cat([vv.float(), v[:, :, T - 5:]], 2)
+    kpos = torch.cat([kpos, qpos])
+    qq = q[:, :, T - 5:].reshape(B, H, G, 5, D)
+    scores = torch.einsum("bhgtd,bhnd->bhgtn", qq, kk) * 0.25
+    scores = torch.tanh(scores / 1.5) * 1.5
+    scores = scores.masked_fill(~store.visible(qpos, kpos), -math.inf)
+    ref_lse = torch.logsumexp(scores, -1).reshape(B, H * G, 5)
+    ref = torch.einsum("bhgtn,bhnd->bhgtd", torch.softmax(scores, -1), vv).reshape(B, H * G, 5, D)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    plain, _ = store.attend(q[:, :, T - 5:], qpos, 0.25, new=(k[:, :, T - 5:], v[:, :, T - 5:]))
+    assert (plain - got).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -183,10 +183,12 @@ def test_non_finite_activations_are_refused():
 
 
 def test_unknown_architecture_is_refused():
+    """A model without attention modules (Mamba: state-space layers) is refused in one line; GPT-2 and Phi-3 are
+    traced (tests/test_architectures.py)."""
     from kvtool.errors import KvtoolError
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import MambaConfig, MambaForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    with pytest.raises(KvtoolError, match="does not understand GPT2LMHeadModel"):
-        Tracer(gpt2)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=4))
+    with pytest.raises(KvtoolError, match="does not understand MambaForCausalLM"):
+        Tracer(mamba)

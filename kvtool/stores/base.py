@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from kvtool.errors import KvtoolError
+from kvtool.scores import Scaling, partial, softcap_, softmax_partial  # noqa: F401  (the score algebra; re-exported)
 from kvtool.windows import causal_allowed
 
 STORES: dict[str, type["Store"]] = {}
@@ -99,33 +100,6 @@ def batch_rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None
 
 def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-            allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [B, h·G, t, D] over k, v [B, h, n, D] (any float dtype; computed in float32) with an
-    optional mask allowed [t, n] → (out [B, h·G, t, D], lse [B, h·G, t]), both float32. Query heads h·G .. h·G+G-1
-    read KV head h (GQA)."""
-    b, hq, t, d = q.shape
-    h = k.shape[1]
-    g = hq // h
-    qf = q.float().reshape(b, h, g * t, d)                                      # [B, h, G·t, D]
-    s = torch.matmul(qf, k.float().transpose(-1, -2))                          # [B, h, G·t, n]
-    s.mul_(scaling)
-    if allowed is not None:
-        s.masked_fill_(~allowed.repeat(g, 1), -math.inf)
-    return softmax_partial(s, v.float(), b, hq, t)
-
-
-def softmax_partial(s: torch.Tensor, v: torch.Tensor, b: int, hq: int, t: int):
-    """Scores s [B, h, G·t, n] (masked with -inf) → (out [B, h·G, t, D], lse [B, h·G, t]), softmax over n of
-    values v [B, h, n, D] float32. In place on s; a row with no visible key gets out 0, lse -inf."""
-    m = s.amax(-1, keepdim=True).clamp_min_(-1e30)                             # [B, h, G·t, 1]
-    p = s.sub_(m).exp_()
-    total = p.sum(-1, keepdim=True)                                             # [B, h, G·t, 1]
-    out = torch.matmul(p, v).div_(total.clamp_min(1e-30))                     # [B, h, G·t, D]
-    lse = total.log_().add_(m)
-    return out.view(b, hq, t, -1), lse.view(b, hq, t)
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from kvtool.kvstore import RopeTable
 from kvtool.lowrank import RankSpec, parse_rank, reconstruct, weighted_values
 from kvtool.policy import Field, register_field
 from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, crop_sixteen_bit,
-                                register, select_sixteen_bit, sixteen_bit_crop_refusal, tensor_bytes)
+                                register, select_sixteen_bit, softcap_, sixteen_bit_crop_refusal, tensor_bytes)
 from kvtool.stores.quantized import FLUSH, unpack_float
 
 BLOCK = 1024                   # body tokens per block: bounds the float scratch of one read (reconstructed keys)
@@ -187,6 +187,7 @@ class LowRankStore(Store):
             vmean = self.value.mean[:, None, :]                                 # [h, 1, D]
             for blk in self.blocks:
                 sc = torch.matmul(qs, self.block_keys(blk).transpose(-1, -2))    # [B, h, G·t, n]
+                softcap_(sc, scaling)
                 if blk.start + blk.n - 1 > qmin:
                     kpos = torch.arange(blk.start, blk.start + blk.n, device=q.device)
                     sc.masked_fill_(~self.visible(qpos, kpos).repeat(g, 1), float("-inf"))

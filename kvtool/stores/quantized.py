@@ -34,7 +34,7 @@ from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
 from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, cat_float, crop_sixteen_bit,
-                                register, select_sixteen_bit, sixteen_bit_crop_refusal, tensor_bytes)
+                                register, select_sixteen_bit, softcap_, sixteen_bit_crop_refusal, tensor_bytes)
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -337,6 +337,7 @@ class QuantizedStore(Store):
             for blk in self.blocks:
                 # q·kᵀ with the block transposed (BLAS reads it as is; [n, D]·[D, G·t] is ~4x slower on CPU)
                 sc = torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2))      # [B, h, G·t, n]
+                softcap_(sc, scaling)
                 if self._masks(blk, qpos, qmin):                           # some key hidden from some query
                     kpos = torch.arange(blk.start, blk.start + blk.n, device=q.device)
                     sc.masked_fill_(~self.visible(qpos, kpos).repeat(g, 1), float("-inf"))
@@ -360,7 +361,7 @@ class QuantizedStore(Store):
         k16 = cat_float(self.sink_k, self.buf_k, new[0])                 # [B, h, s + b + 1, D]
         scores = [torch.matmul(qs, self.block_keys(blk, ktab).transpose(-1, -2)) for blk in self.blocks]
         scores.append(torch.matmul(qs, k16.transpose(-1, -2)))
-        s = torch.cat(scores, -1)                                          # [B, h, G, N]
+        s = softcap_(torch.cat(scores, -1), scaling)                      # [B, h, G, N]
         m = s.amax(-1, keepdim=True)                                       # [B, h, G, 1], finite: no mask
         p = s.sub_(m).exp_()
         total = p.sum(-1, keepdim=True)
