@@ -8,8 +8,8 @@ AttentionMaskInterface), here and nowhere else:
   by calibrate/duo.py).
 
 A low module: it imports nothing from the runtime's stores or cache, nor from kvtool.trace or calibrate/ (the score
-algebra it shares with the stores is kvtool.scores; (the "kvtool" function reads
-a layer through the object the cache tags its keys with).
+algebra it shares with the stores is kvtool.scores); the "kvtool" function reads a layer through the object the cache
+tags its keys with.
 
 The "kvtool" attention:
 
