@@ -79,8 +79,9 @@ class QuantizedWindowStore(QuantizedStore):
 
     def _evict(self) -> None:
         """Free the body tokens older than the window of the next query (position `seen`), once `flush` of them
-        are out: a query at `seen` sees positions > seen - recent."""
-        if not self.blocks:
+        are out: a query at `seen` sees positions > seen - recent. Nothing is cut while `record_past` is on
+        (assisted decoding may crop back to an earlier position, whose window reaches further back)."""
+        if not self.blocks or self.record_past:                             # assisted decoding may crop back
             return
         oldest = self.seen - self.n_recent + 1                               # first position still in the window
         out = max(0, oldest - self.blocks[0].start)
@@ -97,6 +98,12 @@ class QuantizedWindowStore(QuantizedStore):
             self._cut(blk, out)
             self.gone += out
             out = 0
+
+    def crop(self, end: int) -> None:
+        """Drop positions ≥ end (only from the 16-bit buffer, see QuantizedStore); then cut what the window lost
+        while `record_past` kept it."""
+        super().crop(end)
+        self._evict()
 
     def _cut(self, blk: Block, c: int) -> None:
         """Drop the first c tokens of a block; the kept ones are copied so the cut tokens' memory is freed."""
