@@ -4,7 +4,8 @@ The tensor names come from gguf's own HF -> GGUF name map (the map transformers 
 each tensor is stored as llama.cpp's converter stores it, so that transformers' reader (modeling_gguf_pytorch_utils)
 undoes it: Llama/Mistral q/k rows permuted, Gemma norms stored as 1 + w, GPT-2's Conv1D weights transposed. The
 metadata is what transformers.integrations.ggml maps back to the config; the tokenizer is the embedded GGUF's (a
-`gpt2` BPE vocabulary), copied field by field. Tensors are float32.
+`gpt2` BPE vocabulary) cut to its first VOCAB tokens (every byte-level character and the merges among them: a smaller
+but complete BPE, so the models stay tiny and the conversion fast), copied field by field. Tensors are float32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml
                    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
                    "tokenizer.ggml.add_bos_token")
+VOCAB = 8192
 _tokenizer_fields: dict | None = None
 
 
@@ -35,7 +37,14 @@ def tokenizer_fields() -> dict:
         for key in _TOKENIZER_KEYS:
             field = reader.fields[key]
             sub = field.types[1] if len(field.types) > 1 else None
-            _tokenizer_fields[key] = (field.contents(), field.types[0], sub)
+            _tokenizer_fields[key] = [field.contents(), field.types[0], sub]
+        tokens = _tokenizer_fields["tokenizer.ggml.tokens"][0][:VOCAB]
+        kept = set(tokens)
+        merges = [m for m in _tokenizer_fields["tokenizer.ggml.merges"][0]
+                  if (pair := m.split(" "))[0] in kept and pair[1] in kept and "".join(pair) in kept]
+        _tokenizer_fields["tokenizer.ggml.tokens"][0] = tokens
+        _tokenizer_fields["tokenizer.ggml.token_type"][0] = _tokenizer_fields["tokenizer.ggml.token_type"][0][:VOCAB]
+        _tokenizer_fields["tokenizer.ggml.merges"][0] = merges
     return _tokenizer_fields
 
 
