@@ -77,6 +77,8 @@ def write_gguf(name: str, model, path: Path) -> Path:
         writer.add_head_count_kv(cfg.num_key_value_heads)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_rope_freq_base(cfg.rope_parameters.get("full_attention", cfg.rope_parameters)["rope_theta"])
+    if arch == "llama":
+        writer.add_rope_dimension_count(cfg.head_dim)
     if name in ("gemma2", "gemma3"):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)

@@ -3,7 +3,7 @@
 traces it with the same progress and summary as for the model's directory, and the model kvtool loads from the file
 gives the source model's logits exactly (the file really is that model).
 
-Covered from GGUF: Qwen 2, Qwen 3, Phi-3, Gemma 2, Gemma 3, GPT-2.
+Covered from GGUF: Llama (a tiny GQA one, beside the embedded model), Qwen 2, Qwen 3, Phi-3, Gemma 2, Gemma 3, GPT-2.
 
 What a GGUF cannot carry (transformers.integrations.ggml maps no metadata key to it) is set, in the source model, to
 the value the reader falls back on (GGUF_OVERRIDES): Qwen 3's head_dim (the config's default, 128), Gemma 2/3's
@@ -32,6 +32,7 @@ from test_cli import assert_one_line_error
 
 # family -> config keywords set to what the GGUF reader falls back on (see the module docstring)
 GGUF_OVERRIDES = {
+    "llama": {},                                      # the embedded model's family, here with GQA and permuted q/k
     "qwen2": {},
     "qwen3": dict(head_dim=128),
     "phi3": {},
@@ -119,5 +120,5 @@ def test_mistral_gguf_is_refused_in_one_line(capsys, tmp_path):
     capsys.readouterr()
     code = _profile_cli(path, tmp_path / "m.kv.st")
     err = capsys.readouterr().err
-    assert_one_line_error(code, err, "mistral")
+    assert_one_line_error(code, err, "Unknown gguf model_type: mistral")
     assert not (tmp_path / "m.kv.st").exists()
