@@ -1,7 +1,7 @@
 """`kvtool profile MODEL.gguf` for families other than the embedded Llama: each family's tiny random model
 (tests/families.py) is written as a float32 `.gguf` in-process (tests/ggufwrite.py), `kvtool profile FILE.gguf`
 traces it with the same progress and summary as for the model's directory, and the model kvtool loads from the file
-gives the source model's logits exactly (the file really is that model).
+gives the source model's logits (to 1e-5; 0 here) — the file really is that model.
 
 Covered from GGUF: Llama (a tiny GQA one, beside the embedded model), Qwen 2, Qwen 3, Phi-3, Gemma 2, Gemma 3, GPT-2.
 
