@@ -46,15 +46,17 @@ ROPE = {name for name in FAMILIES if name != "gpt2"}
 TRACED = [name for name in FAMILIES if name != "gpt-oss"]                 # the tracer refuses attention sinks
 
 
-def family_model(name: str, seed: int = 0, vocab: int = VOCAB, context: int = 512):
+def family_model(name: str, seed: int = 0, vocab: int = VOCAB, context: int = 512, **overrides):
     """The family's tiny model in eval mode; q/k weights scaled up for peaked, varied attention (as conftest's).
-    `vocab` / `context`: a tokenizer's vocabulary and a longer context (for the calibration methods' data)."""
+    `vocab` / `context`: a tokenizer's vocabulary and a longer context (for the calibration methods' data);
+    `overrides`: config keywords that replace the family's (tests/test_gguf_families.py: what a GGUF cannot carry)."""
     cfg_cls, model_cls, kw = FAMILIES[name]
     torch.manual_seed(seed)
     if name == "gpt2":
         kw = {**kw, "vocab_size": vocab, "n_positions": context}
     else:
         kw = {**COMMON, **kw, "vocab_size": vocab, "max_position_embeddings": context}
+    kw = {**kw, **overrides}
     cfg = getattr(tf, cfg_cls)(**kw)
     if name == "gemma3":                                                  # sliding layers: their own RoPE base
         cfg.rope_parameters["sliding_attention"]["rope_theta"] = 10_000.0
