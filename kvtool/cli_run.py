@@ -195,9 +195,7 @@ def _width(table_rows: list[dict], exclude: str) -> int:
 def _keyed(table_rows: list[dict], width: int) -> list[tuple[str, str]]:
     """When the cache names do not fit beside the numbers at this width (80 columns when piped), the table names
     each cache by a number and the full names follow under it, one a line: never cut, never ambiguous."""
-    others = sum(max(len(str(col)), *(len(str(r[col])) for r in table_rows)) + 3
-                 for col in table_rows[0] if col != "cache")
-    room = width - others - 4
+    room = width - _width(table_rows, exclude="cache") - 4
     if max(len(r["cache"]) for r in table_rows) <= max(room, 0):
         return []
     key = []

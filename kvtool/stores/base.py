@@ -225,6 +225,20 @@ def sixteen_bit_crop_refusal(store, end: int) -> str | None:
             "raise the policy's `buffer`")
 
 
+class SixteenBitRollback:
+    """Rollback of a store laid out as 16-bit sink | body | 16-bit buffer (quantized, lowrank): it can drop what its
+    16-bit buffer still holds, exactly, and refuses (one line) a crop into the body."""
+
+    def rollback_refusal(self):
+        return None
+
+    def crop_refusal(self, end):
+        return sixteen_bit_crop_refusal(self, end)
+
+    def crop(self, end):
+        crop_sixteen_bit(self, end)
+
+
 def crop_sixteen_bit(store, end: int) -> None:
     """Drop positions ≥ end from the buffer (then the sink); see sixteen_bit_crop_refusal."""
     if end >= store.seen or store.sink_k is None:

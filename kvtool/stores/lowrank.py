@@ -34,8 +34,8 @@ from kvtool import quant
 from kvtool.kvstore import RopeTable
 from kvtool.lowrank import RankSpec, parse_rank, reconstruct, weighted_values
 from kvtool.policy import Field, register_field
-from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, crop_sixteen_bit,
-                                register, select_sixteen_bit, softcap_, sixteen_bit_crop_refusal, tensor_bytes)
+from kvtool.stores.base import (SixteenBitRollback, Store, append_sixteen_bit, attend_sixteen_bit, batch_rows,
+                                register, select_sixteen_bit, softcap_, tensor_bytes)
 from kvtool.stores.quantized import FLUSH, unpack_float
 
 BLOCK = 1024                   # body tokens per block: bounds the float scratch of one read (reconstructed keys)
@@ -116,7 +116,7 @@ class LatentBlock:
 
 
 @register("lowrank")
-class LowRankStore(Store):
+class LowRankStore(SixteenBitRollback, Store):
     """sink_k/sink_v [B, h, s, D] and buf_k/buf_v [B, h, b, D] in `dtype` (post-RoPE keys), body `blocks` of latents.
 
     rope: the model's RopeTable (keys arrive post-RoPE; None: keys carry no RoPE, e.g. in tests)."""
@@ -212,15 +212,6 @@ class LowRankStore(Store):
         def rows(blk: LatentBlock) -> None:
             blk.k, blk.v = batch_rows(blk.k, idx), batch_rows(blk.v, idx)
         select_sixteen_bit(self, idx, rows)
-
-    def rollback_refusal(self):
-        return None
-
-    def crop_refusal(self, end):
-        return sixteen_bit_crop_refusal(self, end)
-
-    def crop(self, end):
-        crop_sixteen_bit(self, end)
 
     # ---- bytes --------------------------------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ import cupy_kernels
 from kvtool import quant
 from kvtool.kvstore import KeyFormat, ValueFormat
 from kvtool.policy import CLIP_LEVELS, _bits, _choice, _clip, _count, register_field, simple
-from kvtool.stores.base import (Store, append_sixteen_bit, attend_sixteen_bit, batch_rows, cat_float, crop_sixteen_bit,
-                                register, select_sixteen_bit, softcap_, sixteen_bit_crop_refusal, tensor_bytes)
+from kvtool.stores.base import (SixteenBitRollback, Store, append_sixteen_bit, attend_sixteen_bit, batch_rows,
+                                cat_float, register, select_sixteen_bit, softcap_, tensor_bytes)
 
 register_field(
     simple("k", lambda t: _bits("k", t), 16, "2, 3, 4, 8, 16 (`4bit` also works)",
@@ -175,7 +175,7 @@ def uniform(levels: torch.Tensor | None, bits: int) -> bool:
 
 
 @register("quantized")
-class QuantizedStore(Store):
+class QuantizedStore(SixteenBitRollback, Store):
     """sink_k/sink_v [B, h, s, D] and buf_k/buf_v [B, h, b, D] in `dtype`, body `blocks` (see Block)."""
 
     reads = ("sink", "buffer", "k", "v", "krope", "kclip", "outliers", "codebook", "vgroup", "dtype")
@@ -387,15 +387,6 @@ class QuantizedStore(Store):
     def select_batch(self, idx):
         hd = 0 if self.sink_k is None else self.sink_k.shape[1] * self.sink_k.shape[3]      # h·D
         select_sixteen_bit(self, idx, lambda blk: _select_block(blk, idx, hd))
-
-    def rollback_refusal(self):
-        return None
-
-    def crop_refusal(self, end):
-        return sixteen_bit_crop_refusal(self, end)
-
-    def crop(self, end):
-        crop_sixteen_bit(self, end)
 
     # ---- bytes --------------------------------------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ register_field(
 @register("qwindow")
 class QuantizedWindowStore(QuantizedStore):
     """sink_k/sink_v [B, h, s, D] and buf_k/buf_v [B, h, b, D] in `dtype`, body `blocks` of the window's older
-    tokens (quantized; see QuantizedStore). `gone`: body tokens cut off the front so far."""
+    tokens (quantized; see QuantizedStore; `n_body` counts every token that ever entered the body, so the next one's
+    position follows from it, while the blocks hold only what is still in the window)."""
 
     reads = ("sink", "recent", "buffer", "wk", "wv", "krope", "kclip", "outliers", "codebook", "vgroup", "dtype")
 
@@ -58,12 +59,8 @@ class QuantizedWindowStore(QuantizedStore):
         return cls(policy.wk, policy.wv, policy.sink, policy.recent, policy.buffer, dtype, key, value, backend,
                    block=BLOCK, flush=FLUSH)
 
-    def reset(self) -> None:
-        super().reset()
-        self.gone = 0
-
     def __len__(self) -> int:
-        return 0 if self.sink_k is None else self.sink_k.shape[2] + self.n_body - self.gone + self.buf_k.shape[2]
+        return 0 if self.sink_k is None else self.sink_k.shape[2] + sum(b.n for b in self.blocks) + self.buf_k.shape[2]
 
     def visible(self, qpos, kpos):
         return window_allowed(qpos, kpos, self.n_sink, self.n_recent)
@@ -85,18 +82,15 @@ class QuantizedWindowStore(QuantizedStore):
             return
         oldest = self.seen - self.n_recent + 1                               # first position still in the window
         out = max(0, oldest - self.blocks[0].start)
-        out = min(out, self.n_body - self.gone)
         if out < self.flush:
             return
         while out and self.blocks:
             blk = self.blocks[0]
             if out >= blk.n:                                                 # the whole block is out
                 self.blocks.pop(0)
-                self.gone += blk.n
                 out -= blk.n
                 continue
             self._cut(blk, out)
-            self.gone += out
             out = 0
 
     def crop(self, end: int) -> None:
