@@ -118,7 +118,11 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
 
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
-               decode_steps: int = 16, text: str | None = None) -> list:
+               decode_steps: int = 16, text: str | None = None, rows: Optional[Path] = None,
+               setup: Optional[dict] = None) -> list:
+    """Each spec on the same samples, in order. With `rows`, a spec whose row the file already holds for the same
+    `setup` is read back instead of run (the file is re-read before each spec, so processes sharing it split the
+    work), and each new row is appended as soon as it is done."""
     from kvtool.baselines import make_cache
     from kvtool.evaluate import run_nll, run_passkey
 
@@ -129,14 +133,71 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
         job = bar.add_task(f"{task}", total=len(specs), info="")
         for spec in specs:
             bar.update(job, info=shown(spec))
-            if task == "passkey":
+            saved = read_rows(rows, setup).get(spec) if rows is not None else None
+            if saved is not None:
+                results.append(saved)
+            elif task == "passkey":
                 results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
             else:
                 results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
                                        decode_steps=decode_steps))
             results[-1].text = text
+            if rows is not None and saved is None:
+                append_row(rows, setup, results[-1])
             bar.advance(job)
     return results
+
+
+ROWS_HELP = ("Append each cache's row to this JSON-lines file as soon as it is done, with the run's setup (task, text, "
+             "samples, seed, model, profile hash); a later run with the same setup reads the rows it finds there "
+             "instead of re-running them. A long sweep survives an interruption, and two processes given the same "
+             "file share the work. Speeds are those of the run that made the row.")
+
+
+def read_rows(path: Path, setup: dict) -> dict:
+    """spec -> TaskResult of the rows in `path` made under `setup` (the first of each spec). A missing file holds none;
+    a line that is not a row refuses the file."""
+    from kvtool.evaluate import TaskResult
+
+    found = {}
+    if not path.exists():
+        return found
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            ok = isinstance(item, dict) and isinstance(item.get("setup"), dict) and isinstance(item.get("result"), dict)
+            result = TaskResult(**item["result"]) if ok else None
+        except (ValueError, TypeError):
+            result = None
+        if result is None:
+            raise KvtoolError(f"--rows {path}: line {n} is not a row written by kvtool bench --rows; "
+                              "give another file")
+        if item["setup"] == setup:
+            found.setdefault(result.spec, result)
+    return found
+
+
+def append_row(path: Path, setup: dict, result) -> None:
+    """One JSON line {"setup", "result"}, flushed to disk before the next cache starts."""
+    import dataclasses
+    import os
+
+    line = json.dumps({"setup": setup, "result": dataclasses.asdict(result)}) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rows_setup(model: Optional[str], prof_path: Optional[Path], task: str, **options) -> dict:
+    """What makes two rows comparable: the model, the profile's bytes, the task and every option that picks or scores
+    its samples."""
+    import hashlib
+
+    digest = hashlib.sha256(prof_path.read_bytes()).hexdigest() if prof_path is not None else None
+    return {"model": model or "embedded", "profile_sha256": digest, "task": task, **options}
 
 
 SHORT = {"x_smaller_than_16bit": "x smaller", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",
@@ -421,6 +482,7 @@ def bench(
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto, torch or cupy."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory vs accuracy / NLL to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    rows_file: Optional[Path] = typer.Option(None, "--rows", help=ROWS_HELP),
 ) -> None:
     """Sweep policies and baselines on the same inputs: accuracy or NLL against KV bytes, speed; table and plot."""
     from kvtool import checks
@@ -447,6 +509,9 @@ def bench(
         _writable_target(plot)
         if plot.suffix.lower() != ".png":
             raise KvtoolError(f"--plot {plot}: give a .png file name")
+    if rows_file is not None:
+        _writable_target(rows_file)
+        read_rows(rows_file, {})     # a file that is not ours is refused before the model loads
     if profile is not None:
         checks.profile_file(profile)
     _as_dtype(dtype)
@@ -463,7 +528,14 @@ def bench(
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     _check_task_context(_limit(mdl), task, lens, context, continuation, decode_steps)
     data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
-    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source)
+    setup = None
+    if rows_file is not None:
+        picks = dict(lengths=lens, depths=depths) if task == "passkey" else \
+            dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
+        setup = _rows_setup(model, profile or shipped_profile(model), task, text=source, seed=seed, chunk=chunk,
+                            dtype=dtype, device=device, backend=backend, **picks)
+    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
+                         rows=rows_file, setup=setup)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

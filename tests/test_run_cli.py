@@ -180,3 +180,34 @@ def test_run_warns_nothing(capsys, tiny_with_profile):
                              "--task", "nll", "--samples", "1", "--context", "48", "--continuation", "8", "--json")
         assert code == 0, err
     assert "deprecated" not in err
+
+
+def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny_with_profile, tmp_path):
+    """--rows appends each row as it finishes; a re-run reads rows of the same setup back instead of running them,
+    and a changed setup (another seed) runs again. A file that is not ours is refused with one line."""
+    import kvtool.evaluate
+
+    model, prof = tiny_with_profile
+    rows = tmp_path / "rows.jsonl"
+    nll = ["--task", "nll", "--samples", "1", "--context", "64", "--continuation", "8", "--decode-steps", "1",
+           "--baselines", "none", "--json", "--rows", rows]
+    code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--policies", "heads=all")
+    assert code == 0, err
+    first = json.loads(out)
+    assert len(rows.read_text().splitlines()) == 2
+    ran = []
+    real = kvtool.evaluate.run_nll
+    monkeypatch.setattr(kvtool.evaluate, "run_nll", lambda mdl, s, spec, *a, **k: ran.append(spec) or real(mdl, s, spec, *a, **k))
+    code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--policies", "heads=all;heads=none,sink=4,recent=16")
+    assert code == 0, err
+    again = json.loads(out)
+    assert ran == ["heads=none,sink=4,recent=16"]                        # full and heads=all were read back
+    assert again[:2] == first and len(rows.read_text().splitlines()) == 3
+    code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--policies", "heads=all", "--seed", "1")
+    assert code == 0, err
+    assert ran[1:] == ["full", "heads=all"] and len(rows.read_text().splitlines()) == 5
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text("hello\n")
+    code, _, err = run(capsys, "bench", model, "--profile", prof, *nll[:-1], bad, "--policies", "heads=all")
+    assert_one_line_error(code, err, "line 1 is not a row")
+    assert bad.read_text() == "hello\n"
