@@ -216,3 +216,18 @@ def calibrate(model, tokenizer, method: str, *, profile: Profile | None = None, 
         policy = Policy.from_profile(profile.policy).replace(heads=method, fraction=float(f"{kept:.4g}"),
                                                              seed=0).to_profile()
     return Profile(tensors=tensors, model=profile.model, calibration=calibration, policy=policy)
+
+
+def set_policy(model, profile: Profile, policy: str) -> Profile:
+    """`profile` with `policy` as its default (kvtool.policy: the canonical string), checked first by building the
+    CompressedCache it describes on `model`: a policy the profile or the model cannot serve (heads=<method> not
+    calibrated, pod without the pod section, bits the layer cannot take) is refused here, not at the next run."""
+    from kvtool.cache import CompressedCache, _profile_method
+    from kvtool.policy import Policy
+
+    profile.check_model(model)
+    parsed = Policy.parse(policy, _profile_method(profile))
+    CompressedCache(model, profile, parsed)
+    return Profile(tensors=dict(profile.tensors), model=profile.model, calibration=profile.calibration,
+                   policy=parsed.to_profile())
+

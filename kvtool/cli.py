@@ -462,6 +462,51 @@ def export_cmd(
     out.print(f"Wrote {', '.join(shown(p.name) for p in paths)} into [bold]{shown(output)}[/] ({fmt})", soft_wrap=True)
 
 
+@app.command("policy")
+def policy_cmd(
+    profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
+    policy: Optional[str] = typer.Argument(None, help="A policy to make the profile's default (leave out to print the current one)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The profile's model, to check the policy on (default: the embedded SmolLM2-135M-Instruct)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the profile with the new default here instead of replacing PROFILE."),
+    as_json: bool = typer.Option(False, "--json", help="Print the policy as JSON."),
+) -> None:
+    """Print a profile's default policy, or set it: `kvtool run` and `CompressedCache(model, profile)` use it when no
+    policy is given. A new policy is checked by building its cache on the model first; the file is replaced
+    atomically."""
+    from kvtool import checks
+    from kvtool.policy import Policy
+    from kvtool.profile import Profile
+
+    checks.profile_file(profile_path)
+    if policy is None:
+        prof = Profile.load(profile_path)
+        text = str(Policy.from_profile(prof.policy))
+        if as_json:
+            print(json.dumps({"profile": str(profile_path), "policy": text, "stored": prof.policy}, indent=2))
+        else:
+            out.print(shown(text), soft_wrap=True)
+        return
+    if not policy.strip():
+        raise KvtoolError("the policy is empty; give one such as heads=duo:0.5,k=4,v=4 (or leave it out to print "
+                          "the current one)")
+    Policy.parse(policy, default_method="duo")                     # malformed: refused before the model loads
+    target = _writable_target(output if output is not None else profile_path)
+    from kvtool.api import set_policy
+    from kvtool.models import load_model
+
+    _quiet_libraries()
+    with err.status("Loading model"):
+        mdl, _ = load_model(model)
+        prof = Profile.load(profile_path, model=mdl)
+    new = set_policy(mdl, prof, policy)
+    new.save(target)
+    text = new.policy["policy"]
+    if as_json:
+        print(json.dumps({"profile": str(target), "policy": text}, indent=2))
+    else:
+        out.print(f"Default policy of [bold]{shown(target)}[/]: {shown(text)}", soft_wrap=True)
+
+
 @app.command("cache")
 def cache_cmd(
     clear: bool = typer.Option(False, "--clear", help="Remove every cached conversion (the next load converts again, ~20 s)."),

@@ -186,7 +186,7 @@ def test_calibrate_bad_input(capsys, tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["profile", "inspect", "merge", "calibrate", "run", "bench", "export"])
+@pytest.mark.parametrize("command", ["profile", "inspect", "merge", "calibrate", "run", "bench", "export", "policy"])
 def test_help_shows_no_bool_metavar_and_every_option_has_help(command):
     """Flags show no `<bool>`, and every option says what it does (typer's rich help, 200 columns)."""
     env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")

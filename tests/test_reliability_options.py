@@ -216,6 +216,12 @@ BEFORE_LOAD = [
     ("calibrate-profile-foreign", ["calibrate", "-m", "razor", MODEL, "--profile", "foreign.kv.st", "-o", "r.kv.st"],
      "not a kvtool profile"),
     ("razor-probe-len-0", ["calibrate", "-m", "razor", MODEL, "--probe-len", "0", "-o", "r.kv.st"], "--probe-len"),
+    # bench --rows and kvtool policy
+    ("bench-rows-not-ours", ["bench", MODEL, *BENCH, *NLL, "--rows", "data.csv"], "line 1 is not a row"),
+    ("bench-rows-dir", ["bench", MODEL, *BENCH, *NLL, "--rows", "adir"], "is a directory"),
+    ("policy-empty", ["policy", "good.kv.st", ""], "the policy is empty"),
+    ("policy-malformed", ["policy", "good.kv.st", "heads=all,k=5"], "'k': 5 bits"),
+    ("policy-profile-garbage", ["policy", "garbage.kv.st"], "not a readable safetensors"),
 ]
 
 
@@ -240,6 +246,7 @@ AFTER_LOAD = [
     ("run-vgroup-huge", ["run", MODEL, *NLL, "--policy", "heads=all,v=4,vgroup=100000"],
      "vgroup=100000 does not divide head_dim 8"),
     ("run-vgroup-not-divisor", ["run", MODEL, *NLL, "--policy", "heads=all,v=4,vgroup=3"], "head_dim 8"),
+    ("policy-not-calibrated", ["policy", "good.kv.st", "heads=razor:0.5", "--model", MODEL], "razor"),
     ("profile-passkey-layout-too-short", ["profile", MODEL, "--seq-len", "24", "--sink", "2", "--recent", "8"],
      "too short for the passkey layout"),
 ]

@@ -211,3 +211,29 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
     code, _, err = run(capsys, "bench", model, "--profile", prof, *nll[:-1], bad, "--policies", "heads=all")
     assert_one_line_error(code, err, "line 1 is not a row")
     assert bad.read_text() == "hello\n"
+
+
+def test_policy_command_prints_sets_and_refuses(capsys, tiny_with_profile, tmp_path):
+    """`kvtool policy P` prints the default policy; `kvtool policy P POLICY -o Q` checks it on the model and writes a
+    profile whose default it is (so `kvtool run` without --policy uses it); a policy the profile cannot serve is one
+    Error line and nothing written."""
+    model, prof = tiny_with_profile
+    code, out, err = run(capsys, "policy", prof, "--json")
+    assert code == 0, err
+    before = json.loads(out)["policy"]
+    new = tmp_path / "four.kv.st"
+    code, out, err = run(capsys, "policy", prof, "heads=all,k=4,v=4,krope=pre", "--model", model, "-o", new, "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "heads=all,k=4,v=4,krope=pre"
+    code, out, err = run(capsys, "policy", new)
+    assert code == 0 and out.strip() == "heads=all,k=4,v=4,krope=pre"
+    code, out, err = run(capsys, "policy", prof, "--json")
+    assert json.loads(out)["policy"] == before                                 # -o left the input alone
+    code, out, err = run(capsys, "run", model, "--profile", new, "--prompt", "Hello there", "--max-new-tokens", "2",
+                         "--no-chat", "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "heads=all,k=4,v=4,krope=pre"
+    data = new.read_bytes()
+    code, _, err = run(capsys, "policy", new, "heads=razor:0.5", "--model", model)
+    assert_one_line_error(code, err, "razor")
+    assert new.read_bytes() == data
