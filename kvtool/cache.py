@@ -178,8 +178,9 @@ class StoreLayer(CacheLayerMixin):
         """Whether every store can drop tokens it still holds exactly (assisted / prompt-lookup decoding)."""
         return all(s.rollback_refusal() is None for s in self.stores)
 
-    def activate_past_recording(self) -> None:
-        """Called by generate before assisted decoding: window and sliding stores keep the tokens they would free
+    def activate_past_recording(self, **kwargs) -> None:
+        """Called by generate before assisted decoding (transformers 5.25 passes options such as
+        `recurrent_states_to_keep`, which concern recurrent layers and are ignored here): window and sliding stores keep the tokens they would free
         until the next `crop`, so rejected draft tokens can be dropped exactly. Speculative decoding crops after
         every forward; a second forward without a crop ends the recording (and frees what it kept)."""
         self.record_past, self.uncropped = True, False
@@ -286,6 +287,9 @@ class CompressedCache(Cache):
                                           self.dims, ~self.retrieval)
         layers = [self._layer(i, formats[i], dtype) for i in range(self.dims.layers)]
         super().__init__(layers=layers)
+        used = [f[0].rope for f in formats + (self.wformats or []) if f[0] is not None]
+        used += [x[2] for x in self.lowrank or [] if x is not None] + [b.rope for b in self.banks.values()]
+        self._rope_tables = list({id(t): t for t in used if t is not None}.values())   # shared with the model
         if model.config._attn_implementation != KVTOOL_ATTENTION:
             use_kvtool_attention(model)
         text = model.config.get_text_config()
@@ -395,8 +399,9 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
-    def activate_past_recording(self) -> None:
-        """generate calls this before assisted / prompt-lookup decoding (transformers 5.17 and 5.24 do; with 5.0
+    def activate_past_recording(self, **kwargs) -> None:
+        """generate calls this before assisted / prompt-lookup decoding (transformers 5.17, 5.24 and 5.25 do, 5.25
+        with keyword options for recurrent layers, which a KV cache has none of; with 5.0
         call it yourself before such a generate, or a window store refuses the first crop past its window): window and
         sliding stores then keep the tokens they would free until the next crop. Refused when a store can never
         drop tokens (policy pod)."""
@@ -406,12 +411,19 @@ class CompressedCache(Cache):
                 if reason:
                     raise KvtoolError(f"assisted and prompt-lookup decoding are not supported by this cache: {reason}")
         for layer in self.layers:
-            layer.activate_past_recording()
+            layer.activate_past_recording(**kwargs)
 
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization
         constants (key ranges, codebooks) that reading the cache needs."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def shared_nbytes(self) -> int:
+        """Bytes this cache reads that are held once per model, not per sequence, and so not in nbytes(): the RoPE
+        cos/sin tables of pre-RoPE stores (kvtool.kvstore.RopeTable; float32, up to the longest position seen by any
+        cache of the model, rounded up to 512). A server holding many sequences pays them once; a single sequence
+        pays them whole (about 0.75 KiB per position for head_dim 64)."""
+        return sum(t.nbytes() for t in self._rope_tables)
 
     def full_nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """What transformers' DynamicCache of this model would hold for the tokens seen, in `dtype`: every token for

@@ -391,6 +391,7 @@ def generate(model, tok, profile, policy: str, text: str, max_new_tokens: int, c
     return {"policy": policy, "text": tok.decode(new, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
             "new_tokens": int(new.numel()), "tokens_seen": cache.get_seq_length(), "kv_bytes": cache.nbytes(),
             "full16_bytes": full16, "x_smaller_than_16bit": full16 / max(cache.nbytes(), 1),
+            "shared_bytes": cache.shared_nbytes(),       # the model-wide RoPE table pre-RoPE stores read; not in kv_bytes
             "prefill_seconds": round(pre.seconds, 3), "prefill_tok_s": (ids.shape[1] - 1) / max(pre.seconds, 1e-9),
             "decode_seconds": round(dec.seconds, 3), "decode_tok_s": new.numel() / max(dec.seconds, 1e-9),
             "seconds": round(pre.seconds + dec.seconds, 2)}

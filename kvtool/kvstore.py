@@ -8,6 +8,7 @@ KVQuant arXiv 2401.18079); values use per-token group ranges (KIVI arXiv 2402.02
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # rotary module -> {layer_type: RopeTable}
+ROPE_STEP = 512                       # a table grows to the next multiple of this many positions
+
+
 class RopeTable:
-    """cos/sin [n, D] (float32) for positions 0..n-1 from a model's own rotary embedding, grown on demand; shared by
-    every layer of a cache of one layer type (the rotation does not depend on the layer). A rotary embedding with one
-    table per layer type (Gemma 3: sliding layers have their own base) is read for `layer_type`."""
+    """cos/sin [n, D] (float32) for positions 0..n-1 from a model's own rotary embedding, grown on demand to the next
+    multiple of ROPE_STEP positions. One table per model and layer type, shared by every layer of every cache of that
+    model (the rotation depends on neither): like the model's own rotary buffers it is model state, not per-sequence
+    state, so CompressedCache.nbytes() leaves it out and CompressedCache.shared_nbytes() reports it. A rotary embedding
+    with one table per layer type (Gemma 3: sliding layers have their own base) is read for `layer_type`."""
 
     def __init__(self, rotary, layer_type: str | None = None):
         self.rotary, self.layer_type = rotary, layer_type
@@ -31,19 +38,26 @@ class RopeTable:
 
     @classmethod
     def of(cls, model, head_dim: int, layer_type: str = "full_attention") -> "RopeTable | None":
-        """The table of `model`'s layers of `layer_type` (full-attention layers unless told; only a rotary embedding
-        that takes a layer type reads it); None without a rotary embedding (GPT-2) or with a partial one."""
+        """The shared table of `model`'s layers of `layer_type` (full-attention layers unless told; only a rotary
+        embedding that takes a layer type reads it); None without a rotary embedding (GPT-2) or with a partial one."""
         rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
         if rotary is None:
             return None
         typed = "layer_type" in inspect.signature(rotary.forward).parameters
-        table = cls(rotary, layer_type if typed else None)
-        cos, _ = table.get(0, 1, torch.device("cpu"))
-        return table if cos.shape[-1] == head_dim else None          # partial rotary: not supported
+        tables = _TABLES.setdefault(rotary, {})
+        key = layer_type if typed else None
+        if key not in tables:
+            table = cls(rotary, key)
+            cos, _ = table.get(0, 1, torch.device("cpu"))
+            tables[key] = table if cos.shape[-1] == head_dim else None      # partial rotary: not supported
+        return tables[key]
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.cos, self.sin, self.sin_signed) if x is not None)
 
     def get(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos is None or self.cos.shape[0] < end or self.cos.device != torch.device(device):
-            n = max(end, 2 * (0 if self.cos is None else self.cos.shape[0]), 64)
+            n = -(-max(end, 1) // ROPE_STEP) * ROPE_STEP
             pos = torch.arange(n, device=device).view(1, -1)
             dev_x = torch.zeros(1, device=device, dtype=torch.float32)
             typed = {} if self.layer_type is None else {"layer_type": self.layer_type}

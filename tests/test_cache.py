@@ -229,3 +229,29 @@ def test_quantized_window_refuses_a_window_shorter_than_its_buffer():
     prof = profile_model(model, [needle_sample(T=64)], config=TraceConfig(sink=4, recent=16, query_samples=8))
     with pytest.raises(KvtoolError, match="recent=16 is shorter than buffer=8"):
         CompressedCache(model, prof, "heads=none,sink=4,recent=16,buffer=8,wk=4")
+
+
+
+def test_rope_table_is_shared_by_the_model_and_reported_apart():
+    """Pre-RoPE stores read one cos/sin table per model (kvtool.kvstore.RopeTable), shared by every layer and every
+    cache of the model: it is not in nbytes() (per-sequence state), shared_nbytes() reports it, and it grows to the
+    positions seen rounded up to ROPE_STEP (not to twice that). Post-RoPE policies read no table."""
+    from kvtool.kvstore import ROPE_STEP
+
+    model = tiny_model("gqa")
+    prof = profile_model(model, [needle_sample(T=96, seed=s) for s in range(2)],
+                         config=TraceConfig(sink=4, recent=16, query_samples=8))
+    ids = needle_sample(T=2 * ROPE_STEP + 40, seed=3).input_ids.view(1, -1)
+    pre = "heads=random:0.5:1,sink=4,recent=64,buffer=8,k=4,v=4,krope=pre,wk=4,wv=4"
+    caches = [CompressedCache(model, prof, p) for p in (pre, pre, "heads=all,k=4,v=4,krope=post")]
+    for cache in caches:
+        with torch.no_grad():
+            prefill(model, ids, cache, 128)
+    model.set_attn_implementation("sdpa")
+    a, b, post = caches
+    assert len(a._rope_tables) == 1 and a._rope_tables[0] is b._rope_tables[0]     # one table: both caches, all layers
+    table = a._rope_tables[0]
+    d = Dims.of(model).head_dim
+    assert table.cos.shape == (3 * ROPE_STEP, d)                                    # 1064 positions -> 1536 rows
+    assert a.shared_nbytes() == b.shared_nbytes() == 3 * 3 * ROPE_STEP * d * 4    # cos, sin, signed sin; float32
+    assert post.shared_nbytes() == 0 and post._rope_tables == []
