@@ -462,7 +462,7 @@ def export_cmd(
     out.print(f"Wrote {', '.join(shown(p.name) for p in paths)} into [bold]{shown(output)}[/] ({fmt})", soft_wrap=True)
 
 
-@app.command("policy")
+@app.command("policy", cls=_Command)
 def policy_cmd(
     profile_path: Path = typer.Argument(..., metavar="PROFILE", help="A .kv.st profile."),
     policy: Optional[str] = typer.Argument(None, help="A policy to make the profile's default (leave out to print the current one)."),
