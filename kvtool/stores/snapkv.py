@@ -1,0 +1,162 @@
+"""SnapKV++ and SnapKV: prefill-time token selection by the prompt's last queries (SnapKV, Li et al., arXiv
+2404.14469; SnapKV++, RocketKV stage 1, Behnam et al., arXiv 2502.14051).
+
+When the prompt ends, the last `obs` prompt queries (the observation window) vote for the earlier prompt tokens: their
+softmax attention over the prompt keys, summed over the window, pooled along the tokens (`pool` max or avg, an odd
+`kernel`, stride 1) so neighbours of a chosen token come along. SnapKV++ (`select=snapkv++`) sums the pooled votes
+over the query heads of each KV group and keeps one token set per KV head: the memory of GQA is really saved.
+SnapKV (`select=snapkv`, the original) selects per query head: each query head keeps its own copy of its tokens
+(`nbytes` counts the G copies). Either keeps the top `budget - obs` voted tokens plus the window itself, with their
+absolute positions; tokens arriving after the selection (decode steps, a question appended after compression) are
+kept.
+
+When the prompt ends: kvtool's prefill (kvtool.cache.prefill) calls `CompressedCache.finish_prefill()` after the
+last chunk, which selects in every SnapKV store; without it (model.generate on a fresh cache) a store selects at
+the first single-token step that follows a multi-token forward. The store records the queries of the last `obs`
+positions as chunks pass (a chunked prefill needs no second pass), and selects once: a later `finish_prefill` (a
+second prompt segment) keeps what it holds. Until the selection every prompt token is held in 16 bits (SnapKV
+compresses a prompt it has seen whole; the chunked prefill bounds the activations, not this peak).
+Defaults of `obs` and `kernel`: the profile's `snapkv.` section (kvtool calibrate --method snapkv, per layer), else
+RocketKV's 32 and 63.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtool.errors import KvtoolError
+from kvtool.policy import _choice, _count, register_field, simple
+from kvtool.stores.base import register, tensor_bytes
+from kvtool.stores.tokens import TokenStore, budget_tokens
+
+OBS, KERNEL = 32, 63                      # RocketKV's defaults (arXiv 2502.14051)
+
+
+def _odd(text: str) -> int:
+    n = _count("kernel", text, 1)
+    if n % 2 == 0:
+        raise KvtoolError(f"policy field 'kernel' must be odd (got {n})")
+    return n
+
+
+register_field(
+    simple("obs", lambda t: _count("obs", t, 1), None, "tokens",
+           "SnapKV observation window: the last prompt queries that vote (and are always kept). Unset: the profile's "
+           "`snapkv.obs` (kvtool calibrate --method snapkv), else 32.", "snapkv"),
+    simple("kernel", _odd, None, "odd tokens",
+           "SnapKV pooling kernel along the tokens. Unset: the profile's `snapkv.kernel`, else 63.", "snapkv"),
+    simple("pool", lambda t: _choice("pool", t, ("max", "avg")), "max", "`max`, `avg`", "SnapKV pooling.", "snapkv"),
+)
+
+
+def pooled_votes(votes: torch.Tensor, kernel: int, pool: str) -> torch.Tensor:
+    """votes [..., n] → the same shape pooled along n (stride 1, `kernel` odd, same length)."""
+    shape = votes.shape
+    x = votes.reshape(-1, 1, shape[-1])
+    if kernel > 1:
+        f = torch.nn.functional.max_pool1d if pool == "max" else torch.nn.functional.avg_pool1d
+        kw = {} if pool == "max" else {"count_include_pad": False}
+        x = f(x, kernel, stride=1, padding=kernel // 2, **kw)
+    return x.reshape(shape)
+
+
+def window_votes(q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, kpos: torch.Tensor, scaling) -> torch.Tensor:
+    """Softmax attention of the window's queries q [B, h·G, w, D] over keys k [B, h, n, D] (causal by positions
+    qpos [w], kpos [n]), summed over the window → votes [B, h, G, n] (float32)."""
+    from kvtool.scores import softcap_
+
+    b, hq, w, d = q.shape
+    h = k.shape[1]
+    s = torch.matmul(q.float().view(b, h, hq // h, w, d), k.float().unsqueeze(2).transpose(-1, -2))   # [B,h,G,w,n]
+    softcap_(s.mul_(scaling), scaling)
+    s.masked_fill_(kpos.view(1, -1) > qpos.view(-1, 1), float("-inf"))
+    return s.softmax(-1).sum(3)
+
+
+def snap_select(votes: torch.Tensor, n: int, window: int, keep: int, kernel: int, pool: str,
+                per_query: bool) -> torch.Tensor:
+    """Indices [B, h', keep] (increasing) of the tokens to keep of n, from votes [B, h, G, n]: the last `window`
+    tokens, plus the top keep - window of the earlier ones by pooled votes, summed over G (SnapKV++, h' = h) or per
+    query head (SnapKV, h' = h·G)."""
+    b, h, g, _ = votes.shape
+    prefix = n - window
+    dev = votes.device
+    if keep <= window:                                        # only the most recent tokens fit
+        last = torch.arange(n - keep, n, device=dev)
+        return last.view(1, 1, -1).expand(b, h * g if per_query else h, -1)
+    score = pooled_votes(votes[..., :prefix], kernel, pool)                              # [B, h, G, prefix]
+    score = score.reshape(b, h * g, prefix) if per_query else score.sum(2)
+    top = score.topk(keep - window, -1).indices.sort(-1).values
+    win = torch.arange(prefix, n, device=dev).view(1, 1, -1).expand(b, top.shape[1], -1)
+    return torch.cat([top, win], 2)
+
+
+@register("snapkv")
+class SnapKVStore(TokenStore):
+    """SnapKV++ (per KV group) or SnapKV (per query head) selection at the end of the prompt; see the module
+    docstring."""
+
+    reads = TokenStore.reads + ("obs", "kernel", "pool")
+
+    def __init__(self, budget, dtype, obs: int = OBS, kernel: int = KERNEL, pool: str = "max",
+                 group_select: bool = True, **stage2):
+        self.obs, self.kernel, self.pool, self.group_select = obs, kernel, pool, group_select
+        super().__init__(budget, dtype, **stage2)
+
+    @classmethod
+    def from_policy(cls, policy, dtype: torch.dtype, obs: int | None = None, kernel: int | None = None, **_):
+        """obs / kernel: this layer's calibrated defaults (the profile's snapkv section), used when the policy
+        leaves them unset."""
+        return cls(policy.budget, dtype, policy.obs or obs or OBS, policy.kernel or kernel or KERNEL, policy.pool,
+                   policy.select == "snapkv++", read=policy.read, page=policy.page, rdims=policy.rdims)
+
+    def reset(self) -> None:
+        super().reset()
+        self.obs_q = self.obs_pos = None              # the last `obs` queries seen [B, h·G, ≤obs, D], positions
+        self.scaling = None
+        self.selected = False
+        self.multi = False                            # a multi-token forward was seen
+
+    def nbytes(self) -> int:
+        return super().nbytes() + tensor_bytes(self.obs_q)
+
+    def tensors(self):
+        return super().tensors() + ([self.obs_q] if self.obs_q is not None else [])
+
+    def before_attend(self, q, qpos, scaling, new) -> None:
+        if self.selected:
+            return
+        t = q.shape[2]
+        if t == 1 and self.multi and len(self) and int(qpos[0]) >= self.seen:
+            self.finish_prefill()                     # model.generate without kvtool's prefill: the prompt ended
+            return
+        self.multi = self.multi or t > 1
+        self.scaling = scaling
+        qs = q.detach()
+        if self.obs_q is not None and int(qpos[0]) == int(self.obs_pos[-1]) + 1:
+            qs, qpos = torch.cat([self.obs_q, qs], 2), torch.cat([self.obs_pos, qpos])
+        self.obs_q, self.obs_pos = qs[:, :, -self.obs:].clone(), qpos[-self.obs:].clone()
+
+    def finish_prefill(self) -> None:
+        """Select now (the prompt ended): keep the budget's tokens per KV head (per query head for plain SnapKV)."""
+        if self.selected or not len(self):
+            return
+        self.selected = True
+        n = len(self)
+        keep = budget_tokens(self.budget, n)
+        q, qpos = self.obs_q, self.obs_pos
+        self.obs_q = self.obs_pos = None
+        if keep >= n:                                 # everything fits: nothing is dropped
+            return
+        kpos = self.pos[0, 0]
+        inside = qpos <= kpos[-1]                     # queries of held tokens (the window's own)
+        q, qpos = q[:, :, inside], qpos[inside]
+        window = min(q.shape[2], n)
+        votes = window_votes(q, self.k, qpos, kpos, self.scaling)                         # [B, h, G, n]
+        idx = snap_select(votes, n, window, keep, self.kernel, self.pool, not self.group_select)
+        if not self.group_select:                     # one copy of the KV head per query head
+            g = self.group
+            self.k, self.v = self.k.repeat_interleave(g, 1), self.v.repeat_interleave(g, 1)
+            self.pos = self.pos.repeat_interleave(g, 1)
+            self.per_query = True
+        self.keep(idx)
