@@ -433,6 +433,13 @@ class CompressedCache(Cache):
         for layer in self.layers:
             layer.activate_past_recording()
 
+    def prompt_started(self) -> None:
+        """kvtool's prefill starts: selecting stores wait for finish_prefill (a one-token last chunk is prompt)."""
+        for layer in self.layers:
+            for s in layer.stores:
+                if hasattr(s, "lazy"):
+                    s.lazy = False
+
     def finish_prefill(self) -> None:
         """The prompt ended: stores that select tokens from it (SnapKV) select now. kvtool's `prefill` calls this
         after its last chunk; tokens that come later (decode steps, a question after compression) are kept."""
@@ -499,6 +506,8 @@ def prefill(model, input_ids: torch.Tensor, cache: Cache, chunk: int = 512) -> t
     if chunk < 1:
         raise KvtoolError(f"prefill chunk must be at least 1 token (got {chunk})")
     logits = None
+    if isinstance(cache, CompressedCache):
+        cache.prompt_started()
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start:start + chunk]
         out = model(input_ids=piece, **with_cache(model, cache), use_cache=True, logits_to_keep=1)

@@ -11,8 +11,9 @@ absolute positions; tokens arriving after the selection (decode steps, a questio
 kept.
 
 When the prompt ends: kvtool's prefill (kvtool.cache.prefill) calls `CompressedCache.finish_prefill()` after the
-last chunk, which selects in every SnapKV store; without it (model.generate on a fresh cache) a store selects at
-the first single-token step that follows a multi-token forward. The store records the queries of the last `obs`
+last chunk, which selects in every SnapKV store (during its chunks the stores wait: `lazy` off, so a last chunk of
+one token is still prompt); without it (model.generate on a fresh cache) a store selects at the first single-token
+step that follows a multi-token forward. The store records the queries of the last `obs`
 positions as chunks pass (a chunked prefill needs no second pass), and selects once: a later `finish_prefill` (a
 second prompt segment) keeps what it holds. Until the selection every prompt token is held in 16 bits (SnapKV
 compresses a prompt it has seen whole; the chunked prefill bounds the activations, not this peak).
@@ -116,6 +117,7 @@ class SnapKVStore(TokenStore):
         self.scaling = None
         self.selected = False
         self.multi = False                            # a multi-token forward was seen
+        self.lazy = True                              # may select at a decode step (False inside kvtool's prefill)
 
     def nbytes(self) -> int:
         return super().nbytes() + tensor_bytes(self.obs_q)
@@ -127,7 +129,7 @@ class SnapKVStore(TokenStore):
         if self.selected:
             return
         t = q.shape[2]
-        if t == 1 and self.multi and len(self) and int(qpos[0]) >= self.seen:
+        if self.lazy and t == 1 and self.multi and len(self) and int(qpos[0]) >= self.seen:
             self.finish_prefill()                     # model.generate without kvtool's prefill: the prompt ended
             return
         self.multi = self.multi or t > 1
@@ -139,6 +141,7 @@ class SnapKVStore(TokenStore):
 
     def finish_prefill(self) -> None:
         """Select now (the prompt ended): keep the budget's tokens per KV head (per query head for plain SnapKV)."""
+        self.lazy = True
         if self.selected or not len(self):
             return
         self.selected = True

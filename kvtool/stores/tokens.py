@@ -92,7 +92,7 @@ class TokenStore(Store):
                  rdims: int | None = None):
         if budget is None:
             raise KvtoolError(f"policy select={self.name} needs a budget (e.g. budget=512 or budget=0.25)")
-        self.budget, self.dtype, self.read, self.page, self.rdims = budget, dtype, read, page, rdims
+        self.budget, self.dtype, self.read_budget, self.page, self.rdims = budget, dtype, read, page, rdims
         self.reset()
 
     def reset(self) -> None:
@@ -123,7 +123,7 @@ class TokenStore(Store):
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
             self.pos = torch.cat([self.pos, p], 2)
         self.seen = int(pos[-1]) + 1
-        if self.read is not None:
+        if self.read_budget is not None:
             self._pages_fill()
 
     def keep(self, idx: torch.Tensor) -> None:
@@ -134,7 +134,7 @@ class TokenStore(Store):
         self.pos = self.pos.gather(2, idx)
         self.selected_at = self.seen
         self.pmin = self.pmax = None
-        if self.read is not None:
+        if self.read_budget is not None:
             self._pages_fill()
 
     def nbytes(self) -> int:
@@ -212,7 +212,7 @@ class TokenStore(Store):
             self.group = q.shape[1] // self.k.shape[1]
         self.last_read = None
         self.before_attend(q, qpos, scaling, new)
-        if (self.read is not None and q.shape[2] == 1 and new is not None and len(self)
+        if (self.read_budget is not None and q.shape[2] == 1 and new is not None and len(self)
                 and int(qpos[0]) >= self.seen and self.selected):
             return self.sparse_decode(q, scaling, new)
         if self.k is None and new is None:
@@ -255,7 +255,7 @@ class TokenStore(Store):
         b, hq, _, d = q.shape
         n, p = len(self), self.page
         pages = 0 if self.pmin is None else self.pmin.shape[2]
-        want = budget_tokens(self.read, n)
+        want = budget_tokens(self.read_budget, n)
         take = min(pages, math.ceil(want / p))
         item = self.k.element_size()
         h = self.k.shape[1]
