@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import tiny_model
+from test_run_cli import tiny_with_profile  # noqa: F401  (the fixture: a tiny model saved with a profile)
 from kvtool.cache import CompressedCache, prefill
 from kvtool.errors import KvtoolError
 from kvtool.stores.h2o import H2OStore
@@ -203,3 +204,29 @@ def test_h2o_holds_its_budget_and_keeps_recent_tokens():
 def test_refusals(policy, msg):
     with pytest.raises(KvtoolError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
         CompressedCache(tiny_model("gqa"), None, policy)
+
+
+def test_bench_query_regimes_and_read_bytes(capsys, tiny_with_profile):
+    """`kvtool bench --query inside|after`: the same samples in both regimes; rows carry the bytes a decode step
+    read (stage 2 reads fewer than it holds); --query after is refused for nll."""
+    import json
+
+    from test_cli import assert_one_line_error, run
+
+    model, prof = tiny_with_profile
+    pols = "select=snapkv++,budget=48,obs=8,kernel=7;select=snapkv++,budget=48,obs=8,kernel=7,read=16,page=8"
+    rows = {}
+    for query in ("inside", "after"):
+        code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "passkey", "--lengths", "128",
+                             "--depths", "2", "--policies", pols, "--baselines", "none", "--query", query, "--json")
+        assert code == 0, err
+        rows[query] = json.loads(out)
+    for query, got in rows.items():
+        assert [r["cache"] for r in got] == ["full"] + pols.split(";")
+        assert all(r.get("query") == (None if query == "inside" else "after") for r in got)
+        full, sel, sparse = got
+        assert full["read_MiB"] == full["kv_MiB"] and sel["read_MiB"] <= sel["kv_MiB"] < full["kv_MiB"]
+        assert sparse["read_MiB"] < sel["read_MiB"]
+    assert rows["inside"][0]["hits"] == rows["after"][0]["hits"]          # the full cache cannot tell them apart
+    code, _, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--query", "after")
+    assert_one_line_error(code, err, "--query after applies to --task passkey")
