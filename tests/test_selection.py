@@ -61,7 +61,7 @@ def test_snapkv_plus_one_selection_per_kv_group_and_plain_per_query_head():
     assert any(not torch.equal(plain.pos[0, h * G], plain.pos[0, h * G + j]) for h in range(H) for j in range(1, G))
     assert plain.nbytes() > (G - 1) * plus.nbytes() - 1
     # and SnapKV++'s set is the top of the pooled votes summed over the group
-    from kvtool.stores.snapkv import pooled_votes, window_votes
+    from kvtool.select import pooled_votes, window_votes
 
     votes = window_votes(q[:, :, T - 8:], k, torch.arange(T - 8, T), torch.arange(T), 0.25)
     score = pooled_votes(votes[..., :T - 8], 3, "max").sum(2)
@@ -230,3 +230,29 @@ def test_bench_query_regimes_and_read_bytes(capsys, tiny_with_profile):
     assert rows["inside"][0]["hits"] == rows["after"][0]["hits"]          # the full cache cannot tell them apart
     code, _, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--query", "after")
     assert_one_line_error(code, err, "--query after applies to --task passkey")
+
+
+def test_calibrated_window_and_kernel_are_the_store_defaults(capsys, tiny_with_profile, tmp_path):
+    """`kvtool calibrate --method snapkv` writes per-layer obs / kernel with their recall; a SnapKV store built from
+    that profile takes them unless the policy sets its own."""
+    from kvtool.models import load_model
+    from kvtool.profile import Profile
+    from test_cli import run
+
+    model_dir, prof = tiny_with_profile
+    out = tmp_path / "snap.kv.st"
+    code, _, err = run(capsys, "calibrate", "--method", "snapkv", model_dir, "--profile", prof, "--samples", "1",
+                       "--seq-len", "192", "--windows", "4,16", "--kernels", "1,5", "--future", "16", "-o", out)
+    assert code == 0, err
+    p = Profile.load(out)
+    assert set(p["snapkv.obs"].tolist()) <= {4, 16} and set(p["snapkv.kernel"].tolist()) <= {1, 5}
+    recall = p["snapkv.recall"]
+    assert bool(((recall > 0) & (recall <= 1 + 1e-6)).all())
+    assert torch.allclose(recall, p["snapkv.grid"].flatten(1).amax(1))
+    model, _ = load_model(str(model_dir))
+    cache = CompressedCache(model, p, "select=snapkv++,budget=32")
+    for i, layer in enumerate(cache.layers):
+        (store,) = layer.stores
+        assert (store.obs, store.kernel) == (int(p["snapkv.obs"][i]), int(p["snapkv.kernel"][i]))
+    cache = CompressedCache(model, p, "select=snapkv++,budget=32,obs=8,kernel=3")
+    assert {(s.obs, s.kernel) for layer in cache.layers for s in layer.stores} == {(8, 3)}
