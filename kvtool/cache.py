@@ -276,10 +276,10 @@ class CompressedCache(Cache):
         device = input_device(model)
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
+        self.snap_defaults = self._selection(profile)                      # token selection: refusals, defaults
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)
         self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
         self.pod_leader, self.pod_maps, self.banks = self._shared_banks(model, profile, dtype)
-        self.snap_defaults = self._selection(profile)
         formats = quant_formats(model, profile, self.policy, self.dims, self.retrieval)
         self.wformats = None                                               # streaming heads' window formats
         if self.policy.wk < 16 or self.policy.wv < 16:
@@ -348,9 +348,11 @@ class CompressedCache(Cache):
             if pol.budget is not None or pol.read is not None:
                 raise KvtoolError("policy budget / read need a token selection: add select=snapkv++ (or snapkv, h2o)")
             return [{} for _ in range(n)]
-        if pol.quantized or pol.krank is not None or pol.vrank is not None or pol.pod != "off":
-            raise KvtoolError(f"policy select={pol.select} keeps its tokens in 16 bits and does not compose with "
-                              "k / v below 16, krank / vrank or pod yet (wk / wv of streaming heads do)")
+        if pol.krank is not None or pol.vrank is not None or pol.pod != "off":
+            raise KvtoolError(f"policy select={pol.select} does not compose with krank / vrank or pod yet")
+        if pol.quantized and (pol.select != "snapkv++" or pol.read is not None or pol.krope == "pre"):
+            raise KvtoolError(f"policy select={pol.select}: only select=snapkv++ without read and with krope=post "
+                              "quantizes its kept tokens (k / v below 16); the others keep them in 16 bits")
         if profile is None or "snapkv.obs" not in profile:
             return [{} for _ in range(n)]
         obs, kernel = profile["snapkv.obs"].long().tolist(), profile["snapkv.kernel"].long().tolist()
@@ -389,7 +391,9 @@ class CompressedCache(Cache):
             # with pod, fmt is (None, None): the cache refuses pod with k or v < 16, so formats never need slicing
             latents = self.lowrank[i] if self.lowrank else None                  # pod and krank/vrank: refused
             if pol.select in ("snapkv++", "snapkv"):
-                store = SnapKVStore.from_policy(pol, dtype, **self.snap_defaults[i])
+                body = (lambda: QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1], backend=self.backend)) \
+                    if pol.quantized else None                                # the kept tokens, quantized
+                store = SnapKVStore.from_policy(pol, dtype, body=body, **self.snap_defaults[i])
             elif pol.select == "h2o":
                 store = H2OStore.from_policy(pol, dtype)
             else:

@@ -196,7 +196,8 @@ def test_h2o_holds_its_budget_and_keeps_recent_tokens():
 
 
 @pytest.mark.parametrize("policy,msg", [("select=snapkv++", "needs a budget"), ("budget=100", "need a token selection"),
-                                        ("select=snapkv++,budget=100,k=4,v=4", "does not compose"),
+                                        ("select=h2o,budget=100,k=4,v=4", "only select=snapkv++"),
+                                        ("select=snapkv++,budget=100,krank=4", "does not compose"),
                                         ("select=h2o,budget=100,read=32", "stage 2"),
                                         ("select=snapkv++,budget=100,kernel=4", "must be odd"),
                                         ("select=snapkv++,budget=1.5", "outside (0, 1]"),
@@ -256,3 +257,45 @@ def test_calibrated_window_and_kernel_are_the_store_defaults(capsys, tiny_with_p
         assert (store.obs, store.kernel) == (int(p["snapkv.obs"][i]), int(p["snapkv.kernel"][i]))
     cache = CompressedCache(model, p, "select=snapkv++,budget=32,obs=8,kernel=3")
     assert {(s.obs, s.kernel) for layer in cache.layers for s in layer.stores} == {(8, 3)}
+
+
+def test_kept_tokens_in_a_body_store_read_as_kept_here():
+    """SnapKV++ moving its kept tokens into a body store (positions compacted): with a 16-bit QuantizedStore as the
+    body, prefill + decode equal the store that keeps them itself; tokens after the selection go to the body."""
+    from kvtool.stores import QuantizedStore
+
+    q, k, v = _qkv(9)
+    plain = _drive(SnapKVStore(24, torch.float32, obs=8, kernel=5), q, k, v, [T - 4])
+    moved = _drive(SnapKVStore(24, torch.float32, obs=8, kernel=5,
+                               body=lambda: QuantizedStore(16, 16, 2, 3, torch.float32)), q, k, v, [T - 4])
+    assert moved.body is not None and len(moved.body) == 24 and torch.equal(moved.pos, plain.pos)
+    for i in range(T - 4, T):
+        pos, new = torch.tensor([i]), (k[:, :, i:i + 1], v[:, :, i:i + 1])
+        a, la = plain.attend(q[:, :, i:i + 1], pos, 0.25, new=new)
+        b, lb = moved.attend(q[:, :, i:i + 1], pos, 0.25, new=new)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
+        plain.append(*new, pos)
+        moved.append(*new, pos)
+    assert len(moved) == len(plain) == 28
+
+
+def test_snapkv_with_quantized_kept_tokens_in_the_cache(tiny_with_profile):
+    """select=snapkv++ with k=4,v=4: the same tokens are selected, then held in 4 bits (fewer bytes); the model's
+    greedy decode still runs and stays near the 16-bit selection."""
+    from kvtool.models import load_model
+    from kvtool.profile import Profile
+
+    model_dir, prof = tiny_with_profile
+    model, _ = load_model(str(model_dir))
+    p = Profile.load(prof)
+    ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(5))
+    base = "select=snapkv++,budget=64,obs=8,kernel=7,sink=4,buffer=8"
+    c16, c4 = CompressedCache(model, p, base), CompressedCache(model, p, base + ",k=4,v=4")
+    a, _ = _greedy(model, ids, c16, steps=3)
+    b, _ = _greedy(model, ids, c4, steps=3)
+    s16, s4 = c16.layers[1].stores[0], c4.layers[1].stores[0]
+    assert torch.equal(s16.pos[..., :64], s4.pos) and type(s4.body).__name__ == "QuantizedStore" and s4.body.n_body > 0
+    assert c4.nbytes() < 0.75 * c16.nbytes()                        # sink + up to buffer + 31 tokens stay 16-bit
+    assert (a - b).abs().max() > 0                                   # it did quantize something
+    assert torch.nn.functional.cosine_similarity(a[-1], b[-1], dim=-1).min() > 0.9

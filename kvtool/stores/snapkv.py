@@ -59,16 +59,20 @@ class SnapKVStore(TokenStore):
     reads = TokenStore.reads + ("obs", "kernel", "pool")
 
     def __init__(self, budget, dtype, obs: int = OBS, kernel: int = KERNEL, pool: str = "max",
-                 group_select: bool = True, **stage2):
-        self.obs, self.kernel, self.pool, self.group_select = obs, kernel, pool, group_select
+                 group_select: bool = True, body=None, **stage2):
+        if body is not None and (not group_select or stage2.get("read") is not None):
+            raise KvtoolError("quantized kept tokens (k / v below 16) need select=snapkv++ without read")
+        self.obs, self.kernel, self.pool, self.group_select, self.make_body = obs, kernel, pool, group_select, body
         super().__init__(budget, dtype, **stage2)
 
     @classmethod
-    def from_policy(cls, policy, dtype: torch.dtype, obs: int | None = None, kernel: int | None = None, **_):
+    def from_policy(cls, policy, dtype: torch.dtype, obs: int | None = None, kernel: int | None = None, body=None,
+                    **_):
         """obs / kernel: this layer's calibrated defaults (the profile's snapkv section), used when the policy
-        leaves them unset."""
+        leaves them unset; body: a factory of the store that keeps the selected tokens (a QuantizedStore with k / v
+        below 16; None: they stay here, 16-bit)."""
         return cls(policy.budget, dtype, policy.obs or obs or OBS, policy.kernel or kernel or KERNEL, policy.pool,
-                   policy.select == "snapkv++", read=policy.read, page=policy.page, rdims=policy.rdims)
+                   policy.select == "snapkv++", body, read=policy.read, page=policy.page, rdims=policy.rdims)
 
     def reset(self) -> None:
         super().reset()
@@ -77,12 +81,61 @@ class SnapKVStore(TokenStore):
         self.selected = False
         self.multi = False                            # a multi-token forward was seen
         self.lazy = True                              # may select at a decode step (False inside kvtool's prefill)
+        self.body = None                              # after the selection with `make_body`: the store holding the
+        self.offset = 0                               # kept tokens, at positions (real - offset), consecutive
 
     def nbytes(self) -> int:
-        return super().nbytes() + tensor_bytes(self.obs_q)
+        return super().nbytes() + tensor_bytes(self.obs_q) + (self.body.nbytes() if self.body is not None else 0)
+
+    def read_nbytes(self) -> int:
+        return self.body.nbytes() if self.body is not None else super().read_nbytes()
 
     def tensors(self):
-        return super().tensors() + ([self.obs_q] if self.obs_q is not None else [])
+        return super().tensors() + ([self.obs_q] if self.obs_q is not None else []) + \
+            (self.body.tensors() if self.body is not None else [])
+
+    def __len__(self) -> int:
+        return len(self.body) if self.body is not None else super().__len__()
+
+    # ---- after a selection into a body (quantized kept tokens): everything goes to the body -----------------------
+    def append(self, k, v, pos):
+        if self.body is None:
+            return super().append(k, v, pos)
+        self.body.append(k, v, pos - self.offset)
+        self.seen = int(pos[-1]) + 1
+
+    def attend(self, q, qpos, scaling, new=None):
+        if self.body is None:
+            out = super().attend(q, qpos, scaling, new)
+            return out
+        return self.body.attend(q, qpos - self.offset, scaling, new)
+
+    def select_batch(self, idx):
+        super().select_batch(idx)
+        if self.body is not None:
+            self.body.select_batch(idx)
+
+    def crop_refusal(self, end):
+        if self.body is not None:
+            return super().crop_refusal(end) or self.body.crop_refusal(end - self.offset)
+        return super().crop_refusal(end)
+
+    def crop(self, end):
+        if self.body is None:
+            return super().crop(end)
+        self.body.crop(end - self.offset)
+        self.seen = min(self.seen, end)
+
+    def _into_body(self) -> None:
+        """Move the kept tokens [B, h, m, D] into a fresh body store at positions 0..m-1 (every later query sees them
+        all, and the new tokens continue at m, m+1, ...: only differences of positions matter to the body, whose
+        keys are post-RoPE). The kept positions stay here (`pos`, the prompt's only)."""
+        m = len(self)
+        self.offset = self.seen - m
+        body = self.make_body()
+        body.append(self.k, self.v, torch.arange(m, device=self.k.device))
+        self.k = self.v = None
+        self.body = body
 
     def before_attend(self, q, qpos, scaling, new) -> None:
         if self.selected:
@@ -109,6 +162,8 @@ class SnapKVStore(TokenStore):
         q, qpos = self.obs_q, self.obs_pos
         self.obs_q = self.obs_pos = None
         if keep >= n:                                 # everything fits: nothing is dropped
+            if self.make_body is not None:
+                self._into_body()
             return
         kpos = self.pos[0, 0]
         inside = qpos <= kpos[-1]                     # queries of held tokens (the window's own)
@@ -122,3 +177,5 @@ class SnapKVStore(TokenStore):
             self.pos = self.pos.repeat_interleave(g, 1)
             self.per_query = True
         self.keep(idx)
+        if self.make_body is not None:
+            self._into_body()
