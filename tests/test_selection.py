@@ -278,6 +278,14 @@ def test_kept_tokens_in_a_body_store_read_as_kept_here():
         plain.append(*new, pos)
         moved.append(*new, pos)
     assert len(moved) == len(plain) == 28
+    # the generate path (no finish_prefill: the store selects at the first decode step) moves into the body too
+    lazy = _drive(SnapKVStore(24, torch.float32, obs=8, kernel=5,
+                              body=lambda: QuantizedStore(16, 16, 2, 3, torch.float32)), q, k, v, [T - 4], finish=False)
+    fresh = _drive(SnapKVStore(24, torch.float32, obs=8, kernel=5), q, k, v, [T - 4])
+    pos, new = torch.tensor([T - 4]), (k[:, :, T - 4:T - 3], v[:, :, T - 4:T - 3])
+    torch.testing.assert_close(lazy.attend(q[:, :, T - 4:T - 3], pos, 0.25, new=new)[0],
+                               fresh.attend(q[:, :, T - 4:T - 3], pos, 0.25, new=new)[0], atol=1e-5, rtol=0)
+    assert lazy.body is not None and len(lazy) == 24
 
 
 def test_snapkv_with_quantized_kept_tokens_in_the_cache(tiny_with_profile):

@@ -105,9 +105,11 @@ class SnapKVStore(TokenStore):
         self.seen = int(pos[-1]) + 1
 
     def attend(self, q, qpos, scaling, new=None):
+        if (not self.selected and self.lazy and q.shape[2] == 1 and self.multi and len(self)
+                and int(qpos[0]) >= self.seen):
+            self.finish_prefill()                     # model.generate without kvtool's prefill: the prompt ended
         if self.body is None:
-            out = super().attend(q, qpos, scaling, new)
-            return out
+            return super().attend(q, qpos, scaling, new)
         return self.body.attend(q, qpos - self.offset, scaling, new)
 
     def select_batch(self, idx):
@@ -140,11 +142,7 @@ class SnapKVStore(TokenStore):
     def before_attend(self, q, qpos, scaling, new) -> None:
         if self.selected:
             return
-        t = q.shape[2]
-        if self.lazy and t == 1 and self.multi and len(self) and int(qpos[0]) >= self.seen:
-            self.finish_prefill()                     # model.generate without kvtool's prefill: the prompt ended
-            return
-        self.multi = self.multi or t > 1
+        self.multi = self.multi or q.shape[2] > 1
         self.scaling = scaling
         qs = q.detach()
         if self.obs_q is not None and int(qpos[0]) == int(self.obs_pos[-1]) + 1:
