@@ -10,7 +10,9 @@ heads of each KV group. For every candidate window w of `windows` and odd kernel
 the last w prompt queries' votes, max-pooled with that kernel and summed over the group (the runtime's own
 selection, kvtool/stores/snapkv.py). Its recall is the oracle attention mass of the kept tokens over the mass of the
 oracle's own top `budget` tokens (1 = the best any `budget` tokens could keep), averaged over samples and KV heads.
-Per layer, the (window, kernel) of the highest recall is chosen.
+Per layer, the (window, kernel) of the highest recall is chosen. A model's own sliding-window layers never select
+(they keep their window): they are not measured (recall 0, the candidates nearest 32 / 63, listed in
+`unmeasured_layers`).
 
 Writes `snapkv.obs` and `snapkv.kernel` int64 [L] (the choice per layer; the SnapKV store's defaults when a policy
 leaves `obs` / `kernel` unset), `snapkv.recall` float32 [L] (the chosen pair's recall), and `snapkv.grid` float32
@@ -82,10 +84,16 @@ class SnapKV:
                 model.get_decoder()(input_ids=sample.input_ids[:self.seq_len].view(1, -1).to(device), use_cache=False)
                 if on_progress is not None:
                     on_progress(i + 1, f"sample {i + 1}")
-        if int(obs.count.min()) == 0:
-            raise KvtoolError("snapkv saw no attention of some layer (is it a sliding-window layer only model?)")
+        if int(obs.count.max()) == 0:
+            raise KvtoolError(f"snapkv measured no layer: every layer is a sliding-window layer, or the samples are "
+                              f"not longer than --future {self.future} + the largest window")
         grid = (obs.total / obs.count.clamp_min(1).view(-1, 1, 1)).float()                # [L, W, K]
         best = grid.flatten(1).argmax(1)                                                 # [L]
+        unseen = (obs.count == 0).nonzero().view(-1).tolist()        # sliding-window layers: they never select
+        if unseen:
+            near = min(range(self.n_windows), key=lambda i: abs(self.windows[i] - 32)) * self.n_kernels + \
+                min(range(self.n_kernels), key=lambda j: abs(self.kernels[j] - 63))
+            best[unseen] = near
         w_idx, k_idx = best // self.n_kernels, best % self.n_kernels
         tensors = {"obs": torch.tensor(self.windows)[w_idx], "kernel": torch.tensor(self.kernels)[k_idx],
                    "recall": grid.flatten(1).gather(1, best.view(-1, 1)).view(-1), "grid": grid}
@@ -95,6 +103,7 @@ class SnapKV:
         params = {"windows": list(self.windows), "kernels": list(self.kernels), "budget": self.budget,
                   "future": self.future, "pool": "max", "samples": len(samples), "seq_len": self.seq_len,
                   "seed": self.seed, "data": describe(self.data), "recall_rocketkv_32_63": rocket,
+                  "unmeasured_layers": unseen,
                   "fit_seconds": round(time.perf_counter() - start, 2)}
         return Result("snapkv", tensors, params, section=SECTION)
 
@@ -126,8 +135,8 @@ class _Recall:
             raise KvtoolError("snapkv runs one sample at a time (batch size 1)")
         t = query.shape[2]
         prompt = t - cfg.future
-        if prompt <= max(cfg.windows) or key.shape[2] != t:
-            return                                             # a short last sample, or a sliding layer's cut keys
+        if prompt <= max(cfg.windows) or key.shape[2] != t or getattr(module, "sliding_window", None):
+            return                             # a short sample; a sliding-window layer (its own store, no selection)
         b, hq, _, d = query.shape
         h = key.shape[1]
         g = hq // h
