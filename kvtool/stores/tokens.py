@@ -26,7 +26,7 @@ import torch
 from kvtool.errors import KvtoolError
 from kvtool.policy import Field, _count, _number, register_field, simple
 from kvtool.scores import softcap_
-from kvtool.stores.base import Store, batch_rows, tensor_bytes
+from kvtool.stores.base import Store, batch_rows, empty_partial, tensor_bytes
 
 SELECT = ("off", "snapkv++", "snapkv", "h2o")
 
@@ -216,8 +216,7 @@ class TokenStore(Store):
                 and int(qpos[0]) >= self.seen and self.selected):
             return self.sparse_decode(q, scaling, new)
         if self.k is None and new is None:
-            b, hq, t, d = q.shape
-            return q.new_zeros(b, hq, t, d, dtype=torch.float32), q.new_full((b, hq, t), -math.inf)
+            return empty_partial(q)
         s, k, v = self.scores(q, qpos, scaling, new)
         return self.finish(s, v, q.shape)
 
