@@ -35,8 +35,8 @@ from kvtool.policy import Policy
 from kvtool.lowrank_setup import lowrank_formats
 from kvtool.quant_setup import quant_formats
 from kvtool.select import top_fraction
-from kvtool.stores import (QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore, Store, WindowStore,  # noqa: F401
-                           storage_dtype)
+from kvtool.stores import (H2OStore, QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore,  # noqa: F401
+                           SnapKVStore, Store, WindowStore, storage_dtype)
 from kvtool.stores.lowrank import LowRankStore
 from kvtool.trace import Dims, has_rope
 from kvtool.windows import layer_types, window_allowed  # noqa: F401  (window_allowed: re-exported)
@@ -277,6 +277,7 @@ class CompressedCache(Cache):
         device = input_device(model)
         self.backend = cupy_kernels.select_backend(backend, device)       # "torch" | "cupy"
         self.retrieval = retrieval_heads(self.policy, profile, self.dims)  # [L, H_kv] bool
+        self.snap_defaults = self._selection(profile)                      # token selection: refusals, defaults
         dtype = storage_dtype(self.policy.dtype, next(model.parameters()).dtype)
         self.lowrank = lowrank_formats(model, profile, self.policy, self.dims, self.retrieval)  # [L] latents | None
         self.pod_leader, self.pod_maps, self.banks = self._shared_banks(model, profile, dtype)
@@ -343,6 +344,26 @@ class CompressedCache(Cache):
                 banks[j] = SharedKeys(j, heads, self.policy.sink, dtype, rope)
         return leader, (maps if self.policy.pod == "map" else None), banks
 
+    def _selection(self, profile) -> list[dict]:
+        """Per layer, the calibrated SnapKV defaults {obs, kernel} of the profile's `snapkv.` section (kvtool
+        calibrate --method snapkv; empty without one); refuses what token selection does not compose with yet."""
+        pol, n = self.policy, self.dims.layers
+        if pol.select == "off":
+            if pol.budget is not None or pol.read is not None:
+                raise KvtoolError("policy budget / read need a token selection: add select=snapkv++ (or snapkv, h2o)")
+            return [{} for _ in range(n)]
+        if pol.krank is not None or pol.vrank is not None or pol.pod != "off":
+            raise KvtoolError(f"policy select={pol.select} does not compose with krank / vrank or pod yet")
+        if pol.quantized and (pol.select != "snapkv++" or pol.read is not None or pol.krope == "pre"):
+            raise KvtoolError(f"policy select={pol.select}: only select=snapkv++ without read and with krope=post "
+                              "quantizes its kept tokens (k / v below 16); the others keep them in 16 bits")
+        if profile is None or "snapkv.obs" not in profile:
+            return [{} for _ in range(n)]
+        obs, kernel = profile["snapkv.obs"].long().tolist(), profile["snapkv.kernel"].long().tolist()
+        if len(obs) != n or len(kernel) != n:
+            raise KvtoolError(f"the profile's snapkv section covers {len(obs)} layers, not this model's {n}")
+        return [{"obs": o, "kernel": k} for o, k in zip(obs, kernel)]
+
     def _layer(self, i: int, fmt, dtype) -> StoreLayer:
         """Layer i's stores: one SlidingStore for a sliding-window layer, else QuantizedStore (retrieval heads; a
         LowRankStore when the policy sets krank / vrank) and WindowStore (streaming heads); with policy `pod`,
@@ -373,8 +394,16 @@ class CompressedCache(Cache):
         if ret.any():
             # with pod, fmt is (None, None): the cache refuses pod with k or v < 16, so formats never need slicing
             latents = self.lowrank[i] if self.lowrank else None                  # pod and krank/vrank: refused
-            store = LowRankStore.from_policy(pol, dtype, key=latents[0], value=latents[1], rope=latents[2]) \
-                if latents else QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1], backend=self.backend)
+            if pol.select in ("snapkv++", "snapkv"):
+                body = (lambda: QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1], backend=self.backend)) \
+                    if pol.quantized else None                                # the kept tokens, quantized
+                store = SnapKVStore.from_policy(pol, dtype, body=body, **self.snap_defaults[i])
+            elif pol.select == "h2o":
+                store = H2OStore.from_policy(pol, dtype)
+            else:
+                store = LowRankStore.from_policy(pol, dtype, key=latents[0], value=latents[1], rope=latents[2]) \
+                    if latents else QuantizedStore.from_policy(pol, dtype, key=fmt[0], value=fmt[1],
+                                                               backend=self.backend)
             parts.append((store, ret.nonzero().view(-1)))
         stream = (~self.retrieval[i]).nonzero().view(-1)
         if len(stream):
@@ -412,6 +441,27 @@ class CompressedCache(Cache):
                     raise KvtoolError(f"assisted and prompt-lookup decoding are not supported by this cache: {reason}")
         for layer in self.layers:
             layer.activate_past_recording(**kwargs)
+
+    def prompt_started(self) -> None:
+        """kvtool's prefill starts: selecting stores wait for finish_prefill (a one-token last chunk is prompt)."""
+        for layer in self.layers:
+            for s in layer.stores:
+                if hasattr(s, "lazy"):
+                    s.lazy = False
+
+    def finish_prefill(self) -> None:
+        """The prompt ended: stores that select tokens from it (SnapKV) select now. kvtool's `prefill` calls this
+        after its last chunk; tokens that come later (decode steps, a question after compression) are kept."""
+        for layer in self.layers:
+            for s in layer.stores:
+                finish = getattr(s, "finish_prefill", None)
+                if finish is not None:
+                    finish()
+
+    def read_nbytes(self) -> int:
+        """Bytes the last forward read from the stores (per decode step after a decode step): the pages RocketKV's
+        stage 2 chose (policy `read`), everything held by every other store."""
+        return sum(getattr(s, "read_nbytes", s.nbytes)() for layer in self.layers for s in layer.stores)
 
     def nbytes(self) -> int:
         """Bytes actually held: 16-bit stores, packed codes, scales, outliers, plus the per-layer quantization
@@ -464,15 +514,21 @@ def with_cache(model, cache) -> dict:
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, cache: Cache, chunk: int = 512) -> torch.Tensor:
     """Run a prompt [B, T] through the model in chunks (with a CompressedCache the full 16-bit cache never exists at
-    once; any other cache works too); returns the last position's logits [B, V]."""
+    once; any other cache works too); returns the last position's logits [B, V]. Then `cache.finish_prefill()`
+    where the cache has one (token selection at the end of the prompt, kvtool/stores/snapkv.py)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise KvtoolError(f"prefill needs input_ids of shape [batch, tokens] with at least one token "
                           f"(got shape {list(input_ids.shape)})")
     if chunk < 1:
         raise KvtoolError(f"prefill chunk must be at least 1 token (got {chunk})")
     logits = None
+    if isinstance(cache, CompressedCache):
+        cache.prompt_started()
     for start in range(0, input_ids.shape[1], chunk):
         piece = input_ids[:, start:start + chunk]
         out = model(input_ids=piece, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
+    finish = getattr(cache, "finish_prefill", None)
+    if finish is not None:                                               # the prompt ended: SnapKV selects
+        finish()
     return logits

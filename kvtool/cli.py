@@ -291,6 +291,10 @@ def calibrate(
     groups: Optional[str] = typer.Option(None, "--groups", help=f"Explicit layer groups {_METHOD}."),
     ridge: Optional[float] = typer.Option(None, "--ridge", help=f"Ridge of the key maps {_METHOD}."),
     heldout: Optional[int] = typer.Option(None, "--heldout", help=f"Held-out samples {_METHOD}."),
+    windows: Optional[str] = typer.Option(None, "--windows", help=f"Candidate observation windows {_METHOD}."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help=f"Candidate pooling kernels {_METHOD}."),
+    budget: Optional[float] = typer.Option(None, "--budget", help=f"Tokens kept, a fraction of the prompt {_METHOD}."),
+    future: Optional[int] = typer.Option(None, "--future", help=f"Oracle query tokens per sample {_METHOD}."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device}."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
@@ -314,7 +318,8 @@ def calibrate(
              "--bits": bits, "--kclip": kclip, "--vgroup": vgroup, "--weighting": weighting, "--probe-len": probe_len,
              "--preset": preset, "--steps": steps, "--checkpoint": checkpoint, "--checkpoint-every": checkpoint_every,
              "--resume": resume or None, "--clip": clip, "--max-group": max_group, "--per": per, "--groups": groups,
-             "--ridge": ridge, "--heldout": heldout}
+             "--ridge": ridge, "--heldout": heldout, "--windows": windows, "--kernels": kernels, "--budget": budget,
+             "--future": future}
     given = {flag: value for flag, value in given.items() if value is not None}
     options, runner = method_options(method, given, fraction)                 # unknown method, bad values: refused
     contract = contract_of(type(runner))

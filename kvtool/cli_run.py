@@ -47,6 +47,18 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
     return mdl, tok, prof
 
 
+QUERY_HELP = ("passkey: where the question is. inside: part of the prompt (what SnapKV and RocketKV are evaluated "
+              "on: the observation window sees it); after: the context is prefilled and compressed first, then the "
+              "question is appended (multi-turn reuse, SCBench arXiv 2412.10319). Same samples either way.")
+
+
+def _check_query(query: str, task: Optional[str]) -> None:
+    if query not in ("inside", "after"):
+        raise KvtoolError(f"--query {query!r}: give inside or after")
+    if query == "after" and task != "passkey":
+        raise KvtoolError("--query after applies to --task passkey")
+
+
 TEXT_HELP = ("--task: the text it reads. nll: where the windows are cut; passkey: the haystack around the key. "
              + "; ".join(f"{name}: {what}" for name, (_, what) in TEXT_SOURCES.items())
              + f"; {FILLER_NAME}: repeated sentences (passkey only); or a .txt / .jsonl file. "
@@ -119,7 +131,7 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
                decode_steps: int = 16, text: str | None = None, rows: Optional[Path] = None,
-               setup: Optional[dict] = None) -> list:
+               setup: Optional[dict] = None, query: str = "inside") -> list:
     """Each spec on the same samples, in order. With `rows`, a spec whose row the file already holds for the same
     `setup` is read back instead of run (the file is re-read before each spec, so processes sharing it split the
     work), and each new row is appended as soon as it is done."""
@@ -137,7 +149,7 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
             if saved is not None:
                 results.append(saved)
             elif task == "passkey":
-                results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend))
+                results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query))
             else:
                 results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
                                        decode_steps=decode_steps))
@@ -200,7 +212,7 @@ def _rows_setup(model: Optional[str], prof_path: Optional[Path], task: str, **op
     return {"model": model or "embedded", "profile_sha256": digest, "task": task, **options}
 
 
-SHORT = {"x_smaller_than_16bit": "x smaller", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",
+SHORT = {"x_smaller_than_16bit": "x smaller", "read_MiB": "read MiB/step", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",
          "kv_MiB": "KV MiB", "seconds": "s"}
 
 
@@ -213,7 +225,7 @@ def _vs_full(rows: list[dict]) -> list[dict]:
     for r in rows:
         row = {}
         for k, v in r.items():
-            if k in ("task", "samples", "text", "hits", "sample_nll"):
+            if k in ("task", "samples", "text", "hits", "sample_nll", "query"):
                 continue
             row[SHORT.get(k, k)] = v
             if k == "nll" and full is not None and "nll" in full:
@@ -235,6 +247,8 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
         print(json.dumps(rows, indent=2))
     elif rows:
         text = f" on {rows[0]['text']}" if rows[0].get("text") else ""           # _table escapes the title
+        if rows[0].get("query") == "after":
+            text += ", question after compression"
         title += f"{text} ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
         table_rows = _vs_full(rows)
         if _width(table_rows, exclude="cache") + 8 > out.width and any("95% CI" in r for r in table_rows):
@@ -290,6 +304,7 @@ def run(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device} (instead of --device)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     backend: str = typer.Option("auto", "--backend", help="Attention kernels: auto (cupy on CUDA when CuPy works), torch or cupy."),
+    query: str = typer.Option("inside", "--query", help=QUERY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Run the model with a compressed KV cache: generate from a prompt, or compare with the full cache on a task."""
@@ -308,6 +323,7 @@ def run(
                               else f"prompt file {prompt_file} has no text")
         checks.whole("--max-new-tokens", max_new_tokens)
     lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, 16)
+    _check_query(query, task)
     if policy is not None:
         _check_policy(policy, "--policy")                               # malformed: fail before loading anything
     if profile is not None:
@@ -322,7 +338,7 @@ def run(
     if task is not None:
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
         data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
-        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source)
+        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source, query=query)
         _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
         return
     result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend, chunk=chunk)
@@ -484,6 +500,7 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw memory vs accuracy / NLL to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     rows_file: Optional[Path] = typer.Option(None, "--rows", help=ROWS_HELP),
+    query: str = typer.Option("inside", "--query", help=QUERY_HELP),
 ) -> None:
     """Sweep policies and baselines on the same inputs: accuracy or NLL against KV bytes, speed; table and plot."""
     from kvtool import checks
@@ -492,6 +509,7 @@ def bench(
     if task not in ("passkey", "nll"):
         raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
     lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, decode_steps)
+    _check_query(query, task)
     if threads is not None:
         checks.whole("--threads", threads, 1, checks.MAX_THREADS)
     pols = _spec_list(policies, DEFAULT_BENCH_POLICIES, "--policies")
@@ -531,12 +549,13 @@ def bench(
     data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
     setup = None
     if rows_file is not None:
-        picks = dict(lengths=lens, depths=depths) if task == "passkey" else \
+        picks = dict(lengths=lens, depths=depths, **({"query": query} if query != "inside" else {})) \
+            if task == "passkey" else \
             dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
         setup = _rows_setup(model, profile or shipped_profile(model), task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)
     results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
-                         rows=rows_file, setup=setup)
+                         rows=rows_file, setup=setup, query=query)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

@@ -380,6 +380,9 @@ def passkey_samples(tokenizer, n_samples: int, seq_len: int | Sequence[int], *, 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"     # the end of every numeric pass-key prompt
+
+
 def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed: int = 0,
                             haystack: str = "filler") -> list[tuple[torch.Tensor, str]]:
     """Classic pass-key prompts (Mohtashami & Jaggi, Landmark Attention, arXiv 2305.16300): a 5-digit key stated
@@ -393,7 +396,7 @@ def numeric_passkey_prompts(tokenizer, specs: Sequence[tuple[int, float]], seed:
     check_text_source(haystack, passkey=True, flag="pass-key haystack")
     intro = _encode(tokenizer, "There is an important pass key hidden inside a lot of irrelevant text. "
                                "Find it and memorize it.\n\n")
-    question = _encode(tokenizer, "\n\nWhat is the pass key? The pass key is")
+    question = _encode(tokenizer, PASSKEY_QUESTION)
     need = max((int(n) for n, _ in specs), default=1)
     if haystack == FILLER_NAME:
         unit = _encode(tokenizer, FILLER)

@@ -36,6 +36,8 @@ class TaskResult:
     hits: list[bool] = field(default_factory=list)
     sample_nll: list[float] = field(default_factory=list)   # nll: each sample's mean over its continuation tokens
     text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
+    read_bytes: float | None = None           # bytes one decode step read from the cache (the last step, mean)
+    query: str | None = None                  # passkey: "inside" / "after" (see split_question); None: inside
 
     @property
     def ratio(self) -> float:
@@ -52,7 +54,12 @@ class TaskResult:
             out["sample_nll"] = [round(x, 5) for x in self.sample_nll]
         if self.text is not None:
             out["text"] = self.text
-        out.update({"kv_MiB": round(self.kv_bytes / 2**20, 3), "x_smaller_than_16bit": round(self.ratio, 2),
+        if self.query is not None:
+            out["query"] = self.query
+        out["kv_MiB"] = round(self.kv_bytes / 2**20, 3)
+        if self.read_bytes is not None:
+            out["read_MiB"] = round(self.read_bytes / 2**20, 3)
+        out.update({"x_smaller_than_16bit": round(self.ratio, 2),
                     "prefill_tok_s": round(self.prefill_tokens_per_s, 1),
                     "decode_tok_s": round(self.decode_tokens_per_s, 2), "seconds": round(self.seconds, 1)})
         return out
@@ -128,17 +135,24 @@ class Meter:
     def __init__(self, handle):
         self.handle, self.pre, self.dec = handle, Timer(), Timer()
         self.n_pre = self.n_dec = 0
-        self.kv = self.full = 0.0
+        self.kv = self.full = self.read = 0.0
         self.start = time.perf_counter()
 
     def held(self, cache) -> None:
         self.kv += self.handle.nbytes(cache)
         self.full += self.handle.full16(cache)
 
+    def step_read(self, cache) -> None:
+        """Bytes the last forward (a decode step) read: a CompressedCache's own count (RocketKV stage 2 reads some
+        pages), else everything the cache holds."""
+        read = getattr(cache, "read_nbytes", None)
+        self.read += read() if read is not None else self.handle.nbytes(cache)
+
     def result(self, spec: str, task: str, samples: int, **extra) -> TaskResult:
         n = max(samples, 1)
         return TaskResult(spec, task, samples, self.kv / n, self.full / n, self.n_pre / max(self.pre.seconds, 1e-9),
-                          self.n_dec / max(self.dec.seconds, 1e-9), time.perf_counter() - self.start, **extra)
+                          self.n_dec / max(self.dec.seconds, 1e-9), time.perf_counter() - self.start,
+                          read_bytes=self.read / n if self.n_dec else None, **extra)
 
 
 def _sync() -> None:
@@ -152,18 +166,48 @@ def _device(model):
     return input_device(model)
 
 
+QUERIES = ("inside", "after")
+
+
+def split_question(tokenizer, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A numeric pass-key prompt [T] → (context, question): the question is the prompt's closing
+    kvtool.data.PASSKEY_QUESTION tokens. For the "after" regime (SCBench, arXiv 2412.10319: the context is compressed
+    first, then the question arrives, as in multi-turn reuse), where query-aware eviction cannot see the question."""
+    from kvtool.data import PASSKEY_QUESTION, _encode
+
+    q = torch.tensor(_encode(tokenizer, PASSKEY_QUESTION), dtype=prompt.dtype)
+    if len(q) >= len(prompt) or not torch.equal(prompt[-len(q):].cpu(), q):
+        raise KvtoolError("--query after needs numeric pass-key prompts (they end with the pass-key question)")
+    return prompt[:-len(q)], prompt[-len(q):]
+
+
+def _prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev):
+    """Prefill a prompt under a query regime: "inside", the whole prompt at once (selection sees the question);
+    "after", the context (the cache compresses it: kvtool's prefill ends with finish_prefill), then the question.
+    → the last position's logits [1, V]."""
+    if query == "inside":
+        return prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
+    context, question = split_question(tokenizer, prompt)
+    prefill(model, context.view(1, -1).to(dev), cache, chunk)
+    return prefill(model, question.view(1, -1).to(dev), cache, chunk)
+
+
 @torch.inference_mode()
-def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto") -> TaskResult:
-    """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens."""
+def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto",
+                query: str = "inside") -> TaskResult:
+    """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens.
+    `query`: "inside" (the question is part of the prompt) or "after" (asked after the context was compressed)."""
     from kvtool.baselines import make_cache
 
+    if query not in QUERIES:
+        raise KvtoolError(f"unknown query regime {query!r} (inside or after)")
     m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
     hits = []
     for prompt, answer in samples:
         cache = m.handle.fresh()
         with m.pre:
-            logits = prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
+            logits = _prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
         m.n_pre += prompt.numel()
         got = []
         steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
@@ -177,7 +221,9 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
             m.n_dec += 1
         hits.append(answer in tokenizer.decode(got))
         m.held(cache)
-    return m.result(spec, "passkey", len(samples), correct=sum(hits), hits=hits)
+        m.step_read(cache)
+    return m.result(spec, "passkey", len(samples), correct=sum(hits), hits=hits,
+                    query=None if query == "inside" else query)
 
 
 @torch.inference_mode()
@@ -210,6 +256,7 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
             with m.dec:
                 token = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             m.n_dec += 1
+        m.step_read(cache)
     return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1), sample_nll=per)
 
 

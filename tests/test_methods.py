@@ -33,6 +33,7 @@ TINY = {
     "kvquant": {"bits": (2,), "vgroup": 4, "samples": 1, "seq_len": 192},
     "pca": {"samples": 1, "seq_len": 192},
     "pod": {"samples": 1, "heldout": 1, "seq_len": 192},
+    "snapkv": {"samples": 1, "seq_len": 192, "windows": (8, 16), "kernels": (1, 7), "future": 16},
 }
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,6 +30,9 @@ from kvtool.lowrank import LowRank
 from kvtool.lowrank_setup import latent
 from kvtool.stores.base import Scaling, empty_partial
 from kvtool.stores.lowrank import LowRankStore
+from kvtool.stores.h2o import H2OStore
+from kvtool.stores.snapkv import SnapKVStore
+from kvtool.stores.tokens import TokenStore
 
 B, H, G, D, T = 1, 2, 2, 16, 45          # batch, KV heads, query heads per KV head, head_dim, tokens
 F32 = 4
@@ -148,6 +151,12 @@ CASES = {
     "shared-leader": Case("shared", lambda k: SharedStore(SharedKeys(0, torch.arange(H), 3, torch.float32), True,
                                                           3, 7, torch.float32),
                           lambda n: n * 2 * H * D * F32),
+    # token selection with a budget above the context keeps everything (exact); the selecting behaviour itself is
+    # tested in tests/test_selection.py. Bytes: keys, values, int32 positions, plus SnapKV's recorded observation
+    # queries (held until its selection) and H2O's float32 accumulated attention
+    "snapkv++-all": Case("snapkv", lambda k: SnapKVStore(1000, torch.float32, obs=4, kernel=3),
+                         lambda n: n * 2 * H * D * F32 + n * H * 4 + min(n, 4) * H * G * D * F32),
+    "h2o-all": Case("h2o", lambda k: H2OStore(1000, torch.float32), lambda n: n * 2 * H * D * F32 + 2 * n * H * 4),
 }
 
 
@@ -199,7 +208,7 @@ def test_blocked_read_equals_whole_read(name):
     qpos = torch.tensor([T - 1, T + 3, T + 40])                       # queries after everything held
     qq = q[:, :, :3]
     got, lse = store.attend(qq, qpos, 0.25)
-    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore)):
+    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore, TokenStore)):
         kk, vv, kpos = store.read()
     elif isinstance(store, WindowStore):
         kk, vv, kpos = torch.cat([store.sink_k, store.recent_k], 2), torch.cat([store.sink_v, store.recent_v], 2), \
@@ -223,7 +232,7 @@ def test_softcapped_scores_in_every_store(name):
     store.append(k[:, :, :T - 5], v[:, :, :T - 5], torch.arange(T - 5))
     qpos = torch.arange(T - 5, T)
     got, lse = store.attend(q[:, :, T - 5:], qpos, cap, new=(k[:, :, T - 5:], v[:, :, T - 5:]))
-    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore)):
+    if isinstance(store, (QuantizedStore, LowRankStore, SharedStore, TokenStore)):
         kk, vv, kpos = store.read()
     elif isinstance(store, WindowStore):
         kk, vv, kpos = torch.cat([store.sink_k, store.recent_k], 2), torch.cat([store.sink_v, store.recent_v], 2), \
