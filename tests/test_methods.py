@@ -30,6 +30,7 @@ TINY = {
     "retrieval": {},                                          # reuses the profile's passkey trace
     "razor": {"probe_len": 16},
     "duo": {"preset": "cpu", "steps": 2},
+    "combo": {"signals": "copy,distant"},                     # the two head signals a traced profile holds
     "kvquant": {"bits": (2,), "vgroup": 4, "samples": 1, "seq_len": 192},
     "pca": {"samples": 1, "seq_len": 192},
     "pod": {"samples": 1, "heldout": 1, "seq_len": 192},
