@@ -331,6 +331,9 @@ def calibrate(
     placement = checks.device_map(device_map, "cpu", max_memory)
     if profile_in is not None:
         held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
+        from kvtool.sections import LEGACY
+
+        held |= {new for old, new in LEGACY.items() if old in held}      # a renamed section answers to its new name
         missing = [n for n in contract.required(runner) if n not in held]
         if missing:
             raise KvtoolError(f"profile {profile_in} has no {', '.join(missing[:3])}"

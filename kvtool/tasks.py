@@ -178,17 +178,17 @@ def _frame(tokenizer, prompt: str, answer_start: str) -> tuple[list[int], list[i
 
 
 CHAT_PROMPT = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-               "{haystack}\n\nWhat is the pass key?{extra}")
+               "{haystack}\n\nWhat is the pass key? Answer with the 5-digit number only.")
 CHAT_ANSWER = "The pass key is"
 
-def chat_passkey_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME, extra: str = ""):
+def chat_passkey_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME):
     """passkey-chat: the classic pass-key prompt as the user's turn of the tokenizer's chat template; the assistant's
     turn starts with "The pass key is". The template is rendered around a marker and the haystack's ids go where the
     marker was, so every prompt has exactly `length` tokens."""
     if not getattr(tokenizer, "chat_template", None):
         raise KvtoolError("--task passkey-chat needs a tokenizer with a chat template (an instruct model)")
     check_text_source(text, passkey=True, flag="passkey-chat haystack")
-    head, tail = _frame(tokenizer, CHAT_PROMPT.format(haystack=_MARK, extra=extra), CHAT_ANSWER)
+    head, tail = _frame(tokenizer, CHAT_PROMPT.format(haystack=_MARK), CHAT_ANSWER)
     need = max((n for n, _ in _specs(lengths, depths)), default=1)
     hay = _haystack(tokenizer, text, need)
     out = []
