@@ -97,7 +97,7 @@ def _specs(lengths, depths) -> list[tuple[int, float]]:
     return [(int(n), float(d)) for n in lengths for d in depths]
 
 
-def copy_samples(tokenizer, lengths, depths, seed: int = 0, text: str = "stdlib", span: int = SPAN_WORDS,
+def copy_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME, span: int = SPAN_WORDS,
                  cue: int = CUE_WORDS):
     """copy: (prompt [T], answer ids, answer text) per (length, depth). The span is `span` random one-token words
     between two newlines at `depth` of the haystack; the prompt ends with a newline and its first `cue` words."""
@@ -233,7 +233,7 @@ def repeat_nll_samples(tokenizer, lengths, depths, seed: int = 0, text: str = "s
 
 TASKS: dict[str, Task] = {
     "copy": Task("copy", "generate", copy_samples, "continue a span of random words seen once earlier (induction)",
-                 "stdlib", exact=True, answer_tokens=SPAN_WORDS - CUE_WORDS + _SPARE),
+                 FILLER_NAME, exact=True, answer_tokens=SPAN_WORDS - CUE_WORDS + _SPARE),
     "lookup": Task("lookup", "generate", lookup_samples, f"the value of one of {LOOKUP_KEYS} key: value lines",
                    "stdlib", answer_tokens=16),
     "passkey-chat": Task("passkey-chat", "generate", chat_passkey_samples,
