@@ -56,19 +56,21 @@ class Task:
 
 @lru_cache(maxsize=4)
 def _word_pool(tokenizer) -> tuple[tuple[int, str], ...]:
-    """(token id, word) of every vocabulary entry below id COMMON_IDS (BPE vocabularies list frequent merges first,
-    so these are mostly whole common words) that is a space + 4 to 8 lowercase ASCII letters and encodes back to that
-    one token: the random words of `copy` and the keys of `lookup`."""
-    out = []
-    for token, tid in tokenizer.get_vocab().items():
-        if tid >= COMMON_IDS:
-            continue
-        word = tokenizer.convert_tokens_to_string([token])
-        if word.startswith(" ") and 4 <= len(word) - 1 <= 8 and word[1:].isascii() and word[1:].isalpha() \
-                and word[1:].islower():
-            out.append((int(tid), word))
-    out.sort()
-    pool = tuple(p for p in out if _encode(tokenizer, p[1]) == [p[0]])
+    """(token id, " word") of the 4-to-8-letter lowercase words of Python's documentation (kvtool.data.haystack_text,
+    whole words, so no word fragments such as " happ": the model skips those when copying) that the tokenizer
+    encodes, after a space, as one token below id COMMON_IDS (frequent ones): the random words of `copy` and the keys
+    of `lookup`. Sorted by id, so the pool is fixed for a given Python version and tokenizer."""
+    import re
+
+    from kvtool.data import haystack_text
+
+    words = sorted(set(re.findall(r"(?<![A-Za-z_])[a-z]{4,8}(?![A-Za-z_])", haystack_text())))
+    out = set()
+    for w in words:
+        ids = _encode(tokenizer, " " + w)
+        if len(ids) == 1 and ids[0] < COMMON_IDS:
+            out.add((ids[0], " " + w))
+    pool = tuple(sorted(out))
     if len(pool) < 64:
         raise KvtoolError("this tokenizer has too few single-token words for the copy / lookup tasks")
     return pool
