@@ -10,9 +10,10 @@ per-method branches. Head methods return a `calibrate.heads.HeadsResult` (sectio
 `mask`; they set the default policy's `heads`); others name their own section (`kvquant`: `quant.`, `pca`:
 `lowrank.`, `pod`: `layers.pod.`).
 
-Implemented: `retrieval`, `razor`, `duo` (KV heads), `kvquant` (non-uniform quantization levels), `pca` (low-rank
-bases and latent ranges), `pod` (layer groups sharing distant keys), `snapkv` (SnapKV's observation window and
-pooling kernel per layer, section `snapkv.`). Adding a method is its file here (added to `_MODULES`) plus one entry in
+Implemented: `retrieval`, `razor`, `duo`, `combo` (their signals rank-averaged) (KV heads), `kvquant` (non-uniform
+quantization levels), `pca` (low-rank bases and latent ranges), `pod` (layer groups sharing distant keys), `snapkv`
+(SnapKV's observation window and pooling kernel per layer, section `snapkv.`). Adding a method is its file here (added
+to `_MODULES`) plus one entry in
 tests/test_methods.py's `TINY` (its options for a tiny model); that matrix checks the sections and shapes its contract
 declares, its summary, its CLI run and its refusals. A CLI flag no method had before is one more line in
 kvtool/cli.py's `calibrate` signature (the matrix says so until it is there).
@@ -26,7 +27,7 @@ from typing import Callable
 from kvtool.errors import KvtoolError
 
 _REGISTRY: dict[str, Callable] = {}
-_MODULES = ("retrieval", "razor", "duo", "kvquant", "pca", "pod", "snapkv")   # imported on first lookup; each registers itself
+_MODULES = ("retrieval", "razor", "duo", "combo", "kvquant", "pca", "pod", "snapkv")   # imported on first lookup; each registers itself
 
 
 @dataclass

@@ -14,7 +14,10 @@ Where the public code departs from the paper, both are options; defaults follow 
   positions    "qa": every question + answer token (code); "answer": the passkey answer tokens only (paper).
   l1           "mean" (code) or "sum" (paper).
 Data: synthetic multi-passkey samples (kvtool.data.passkey_samples), one per step, seeded by step so that `resume`
-continues exactly. Deployment picks retrieval heads by a global quantile of the gates (`fraction`; 0.5 for GQA, 0.25
+continues exactly; or (`data`, issue 14: trained as deployed) samples of the evaluation tasks of kvtool.tasks
+(`copy,lookup,passkey-chat,nll-repeat`, one task per step in turn) from seeds the evaluation never uses, the prompt
+plus its answer teacher-forced, supervised on the answer. The `deploy` preset trains that way with the deployment's
+windows (64 + 256) on 1-4k tokens. The summary carries the gate curve: how far the gates moved between snapshots. Deployment picks retrieval heads by a global quantile of the gates (`fraction`; 0.5 for GQA, 0.25
 for MHA by default) with deterministic tie-breaking; training and deployment windows are separate fields.
 """
 
@@ -37,7 +40,12 @@ PRESETS = {
     # Practical on a 2-core CPU for the embedded 135M model: ~20 minutes (docs/BENCHMARKS.md).
     "cpu": {"steps": 200, "passkeys": 4, "words": 8, "min_len": 512, "max_len": 1024, "lengths": 8,
             "train_sink": 32, "train_recent": 128, "checkpoint_every": 40},
+    # Trained as deployed (issue 14): the evaluation tasks' generators (other seeds), the deployment's windows, its
+    # lengths. ~8-25 s a step on a 2-core CPU at 1-4k tokens (docs/BENCHMARKS.md): a GPU run, or --steps for a pilot.
+    "deploy": {"steps": 400, "data": "copy,lookup,passkey-chat", "min_len": 1024, "max_len": 4096, "lengths": 4,
+               "train_sink": 64, "train_recent": 256, "checkpoint_every": 20},
 }
+TASK_SEED = 1_000_000          # task samples for training draw seeds from here on (evaluation: 0; pilots: 100+)
 
 
 _RUN_CONTROL = ("checkpoint", "resume", "stop_after")   # how a run is driven, not what it computes
@@ -65,6 +73,7 @@ class Duo:
     max_len: int | None = None        # None: the model's context
     lengths: int = 50
     seed: int = 42
+    data: str = "passkey"             # "passkey" or comma-separated kvtool.tasks names (trained as deployed)
     checkpoint: str | None = None
     checkpoint_every: int = 100
     resume: bool = False
@@ -83,6 +92,7 @@ class Duo:
                 raise KvtoolError(f"duo {name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.steps < 1 or self.lengths < 1 or self.passkeys < 1 or self.words < 1:
             raise KvtoolError("duo steps, lengths, passkeys and words must be at least 1")
+        self._tasks()
         if self.checkpoint_every < 1:
             raise KvtoolError(f"duo checkpoint_every must be at least 1 (got {self.checkpoint_every})")
         if self.resume and not self.checkpoint:
@@ -120,13 +130,45 @@ class Duo:
                               f"({self.train_sink} + {self.train_recent})")
         return sorted({int(x) for x in np.linspace(self.min_len, top, self.lengths)})
 
+    def _tasks(self) -> list[str]:
+        """The kvtool.tasks names of `data` ([] for passkey); an unknown name is refused."""
+        if self.data == "passkey":
+            return []
+        from kvtool.tasks import TASKS
+
+        names = [t.strip() for t in str(self.data).split(",") if t.strip()]
+        bad = [t for t in names if t not in TASKS]
+        if not names or bad:
+            raise KvtoolError(f"duo --data {self.data!r}: give passkey or evaluation tasks separated by commas "
+                              f"({', '.join(TASKS)})")
+        return names
+
     def sample(self, tokenizer, grid: list[int], step: int):
         from kvtool.data import passkey_samples
 
         rng = np.random.default_rng(self.seed * 1_000_003 + step)
         length = grid[int(rng.integers(len(grid)))]
+        tasks = self._tasks()
+        if tasks:
+            return self._task_sample(tokenizer, tasks[step % len(tasks)], length, float(rng.uniform(0.05, 0.95)),
+                                     TASK_SEED + self.seed * 100_003 + step)
         return passkey_samples(tokenizer, 1, length, n_needles=self.passkeys, words_per_needle=self.words,
                                seed=self.seed * 7919 + step)[0]
+
+    @staticmethod
+    def _task_sample(tokenizer, task: str, length: int, depth: float, seed: int):
+        """One evaluation-task sample as a kvtool.data.Sample: prompt + answer (a generation task) or context +
+        continuation (nll-repeat), `length` tokens before the answer; the answer is the supervised span."""
+        from kvtool.data import Sample
+        from kvtool.tasks import TASKS
+
+        t = TASKS[task]
+        item = t.make(tokenizer, [length], [depth], seed, t.default_text)[0]
+        prompt, answer = item[0], torch.as_tensor(item[1], dtype=torch.int64)
+        ids = torch.cat([prompt, answer])                                          # [T]
+        p = prompt.numel()
+        return Sample(ids, torch.zeros((0, 2), dtype=torch.int64), [], [(p, ids.numel())],
+                      {"kind": task, "seed": seed, "seq_len": length, "depths": [depth], "qa_start": p - 1})
 
     def supervised(self, sample) -> torch.Tensor:
         """Positions whose final hidden states enter the loss: [P]."""
@@ -150,6 +192,8 @@ class Duo:
             p.requires_grad_(False)
         state = _DuoState(gates, dims, self.train_sink, self.train_recent, self.full_branch)
         stop = self.steps if self.stop_after is None else min(self.steps, start + self.stop_after)
+        curve = _GateCurve(gates, start, max(1, self.steps // 20),
+                           fraction if fraction is not None else 0.5 if dims.kv_heads < dims.q_heads else 0.25)
         with _duo_attention(model, state):
             for step in range(start, stop):
                 for group in opt.param_groups:
@@ -162,6 +206,7 @@ class Duo:
                     gates.clamp_(0.0, 1.0)
                 history.append([loss.item(), reg.item()])
                 done = step + 1
+                curve.after(done, done == stop)
                 if self.checkpoint and (done % self.checkpoint_every == 0 or done == stop):
                     self._save(gates, opt, done, history)
                 if on_progress is not None:
@@ -172,7 +217,7 @@ class Duo:
             fraction = 0.5 if dims.kv_heads < dims.q_heads else 0.25
         params = {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL}
         params.update(fraction=fraction, steps_done=len(history), finished=finished,
-                      final_loss=history[-1][0] if history else None)
+                      final_loss=history[-1][0] if history else None, gate_curve=curve.points)
         windows = {"train": {"sink": self.train_sink, "recent": self.train_recent},
                    "deploy": {"sink": self.deploy_sink, "recent": self.deploy_recent}}
         return HeadsResult("duo", {"gate": g, "score": g.clone(), "mask": top_fraction(g, fraction)}, params, windows)
@@ -194,7 +239,10 @@ class Duo:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it."""
-        return {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL + ("checkpoint_every",)}
+        out = {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL + ("checkpoint_every",)}
+        if out["data"] == "passkey":
+            del out["data"]                  # checkpoints from before `data` existed stay resumable
+        return out
 
     def _save(self, gates, opt, step: int, history: list) -> None:
         """A safetensors file (no pickle): gates, AdamW's per-gate state and the loss history as tensors; step and
@@ -281,6 +329,28 @@ class Duo:
         return step, tensors["history"].tolist()
 
 
+class _GateCurve:
+    """How much the gates move: every `every` steps (and at the end), the mean and largest |Δ gate| since the last
+    snapshot and how many heads entered or left the top `fraction` (the deployed retrieval set). Converged gates
+    move little and change no head."""
+
+    def __init__(self, gates: torch.Tensor, step: int, every: int, fraction: float):
+        self.gates, self.every, self.fraction = gates, every, fraction
+        self.last = gates.detach().clone()                                          # [L, H_kv]
+        self.step = step
+        self.points: list[dict] = []
+
+    def after(self, step: int, last: bool) -> None:
+        if step % self.every and not last:
+            return
+        now = self.gates.detach().clamp(0, 1)
+        delta = (now - self.last).abs()
+        changed = int((top_fraction(now, self.fraction) != top_fraction(self.last.clamp(0, 1), self.fraction)).sum())
+        self.points.append({"step": step, "mean_abs_change": round(float(delta.mean()), 6),
+                            "max_abs_change": round(float(delta.max()), 6), "heads_changed": changed})
+        self.last, self.step = now.clone(), step
+
+
 # The gated attention function and its state live with every other attention registration in kvtool/attention.py.
 _DuoState = DuoState
 
@@ -316,6 +386,26 @@ def default_preset() -> str:
     return "paper" if torch.cuda.is_available() else "cpu"
 
 
+def _duo_summary(profile) -> dict:
+    """The head summary plus the gate curve (how far the gates moved per snapshot) and the training data."""
+    out = C.heads_summary("duo")(profile)
+    params = profile.calibration["methods"]["duo"]
+    out.update(data=params.get("data", "passkey"), steps_done=params.get("steps_done"),
+               gate_curve=params.get("gate_curve", []))
+    return out
+
+
+def _duo_text(s: dict) -> str:
+    curve = s.get("gate_curve") or []
+    tail = ""
+    if curve:
+        last = curve[-1]
+        tail = (f"; gate curve: mean |Δ| {curve[0]['mean_abs_change']:.4f} by step {curve[0]['step']} → "
+                f"{last['mean_abs_change']:.4f} over the steps to {last['step']}, {last['heads_changed']} heads "
+                "changed side in that last stretch")
+    return C.heads_text(s) + f" (data {s.get('data', 'passkey')}, {s.get('steps_done')} steps{tail})"
+
+
 Duo.default_preset = staticmethod(default_preset)
 Duo.presets = tuple(PRESETS)
 Duo.contract = C.Contract(
@@ -330,7 +420,18 @@ Duo.contract = C.Contract(
              C.Option("checkpoint_every", "--checkpoint-every", "steps between checkpoints",
                       check=C.at_least("--checkpoint-every", 1), default="the preset's"),
              C.Option("resume", "--resume", "continue from --checkpoint exactly where it stopped"),
-             C.seed("random seed of the passkey samples")),
+             C.data("training data: passkey (DuoAttention's multi-passkey samples) or kvtool.tasks evaluation "
+                    "tasks, comma-separated (copy,lookup,passkey-chat,nll-repeat; training seeds the evaluation "
+                    "never uses)"),
+             C.Option("train_sink", "--train-sink", "sink tokens of the streaming branch in training",
+                      check=C.at_least("--train-sink", 0), default="the preset's"),
+             C.Option("train_recent", "--train-recent", "recent tokens of the streaming branch in training",
+                      check=C.at_least("--train-recent", 1), default="the preset's"),
+             C.Option("min_len", "--min-len", "shortest training sample (tokens)",
+                      check=C.at_least("--min-len", 2), default="the preset's"),
+             C.Option("max_len", "--max-len", "longest training sample (tokens; default the model's context)",
+                      check=C.at_least("--max-len", 2), default="the preset's"),
+             C.seed("random seed of the training samples")),
     sections=tuple(C.Section(f"heads.duo.{n}", "L, H") for n in ("gate", "score", "mask")),
-    summary=C.heads_summary("duo"), text=C.heads_text, fraction=True, check=_duo_check,
+    summary=_duo_summary, text=_duo_text, fraction=True, check=_duo_check,
     total=lambda r, model: r.steps, paper="arXiv 2410.10819")

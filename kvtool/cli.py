@@ -295,6 +295,11 @@ def calibrate(
     kernels: Optional[str] = typer.Option(None, "--kernels", help=f"Candidate pooling kernels {_METHOD}."),
     budget: Optional[float] = typer.Option(None, "--budget", help=f"Tokens kept, a fraction of the prompt {_METHOD}."),
     future: Optional[int] = typer.Option(None, "--future", help=f"Oracle query tokens per sample {_METHOD}."),
+    train_sink: Optional[int] = typer.Option(None, "--train-sink", help=f"Training sink tokens {_METHOD}."),
+    train_recent: Optional[int] = typer.Option(None, "--train-recent", help=f"Training recent tokens {_METHOD}."),
+    min_len: Optional[int] = typer.Option(None, "--min-len", help=f"Shortest training sample {_METHOD}."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help=f"Longest training sample {_METHOD}."),
+    signals: Optional[str] = typer.Option(None, "--signals", help=f"Signals to combine {_METHOD}."),
     dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32, bfloat16 or float16."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Split the model over devices with accelerate: auto, balanced, sequential or a .json {module: device}."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
@@ -319,7 +324,8 @@ def calibrate(
              "--preset": preset, "--steps": steps, "--checkpoint": checkpoint, "--checkpoint-every": checkpoint_every,
              "--resume": resume or None, "--clip": clip, "--max-group": max_group, "--per": per, "--groups": groups,
              "--ridge": ridge, "--heldout": heldout, "--windows": windows, "--kernels": kernels, "--budget": budget,
-             "--future": future}
+             "--future": future, "--train-sink": train_sink, "--train-recent": train_recent,
+             "--min-len": min_len, "--max-len": max_len, "--signals": signals}
     given = {flag: value for flag, value in given.items() if value is not None}
     options, runner = method_options(method, given, fraction)                 # unknown method, bad values: refused
     contract = contract_of(type(runner))
@@ -330,6 +336,9 @@ def calibrate(
     placement = checks.device_map(device_map, "cpu", max_memory)
     if profile_in is not None:
         held = checks.profile_tensors(profile_in)             # a missing or broken file is refused here
+        from kvtool.sections import LEGACY
+
+        held |= {new for old, new in LEGACY.items() if old in held}      # a renamed section answers to its new name
         missing = [n for n in contract.required(runner) if n not in held]
         if missing:
             raise KvtoolError(f"profile {profile_in} has no {', '.join(missing[:3])}"
@@ -342,7 +351,7 @@ def calibrate(
     seq = getattr(runner, "seq_len", None)
     if seq is not None and not (getattr(runner, "reuse", False) and profile_in is not None):  # it traces anew
         checks.context(checks.model_context(model), seq, f"--seq-len {seq}")
-    if "data" in options:
+    if "data" in options and seq is not None:          # a data file cut into --seq-len samples (duo: task names)
         check_data(options["data"], seq)
     if distributed.env_world_size() > 1 and not getattr(runner, "shards", False):
         shardable = [n for n, cls in contract_methods() if getattr(cls, "shards", False)]

@@ -12,12 +12,20 @@ import typer
 from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
+from kvtool.tasks import TASKS
 from kvtool.textsafe import shown
 
 SHIPPED = {None: "smollm2-135m-instruct.kv.st"}     # model argument -> shipped profile file in profiles/
 DEFAULT_BENCH_POLICIES = ["heads=0.5", "heads=all,k=4,v=4", "heads=0.5,k=4,v=4,krope=pre",    # heads=<f>: the
                           "heads=0.125,k=4,v=3,sink=4,recent=224,krope=pre,buffer=32"]        # profile's own method
 DEFAULT_BASELINES = ["quanto:4", "quanto:2", "streaming:4:252"]
+TASK_NAMES = ("passkey", "nll", *TASKS)            # --task: the two built in here, then kvtool.tasks.TASKS
+TASK_HELP = "passkey, nll or " + ", ".join(TASKS) + " (kvtool.tasks; docs/runtime.md)"
+
+
+def _known_task(task: Optional[str]) -> None:
+    if task is not None and task not in TASK_NAMES:
+        raise KvtoolError(f"unknown task {task!r} ({', '.join(TASK_NAMES)})")
 
 
 def shipped_profile(model: Optional[str]) -> Path | None:
@@ -62,7 +70,8 @@ def _check_query(query: str, task: Optional[str]) -> None:
 TEXT_HELP = ("--task: the text it reads. nll: where the windows are cut; passkey: the haystack around the key. "
              + "; ".join(f"{name}: {what}" for name, (_, what) in TEXT_SOURCES.items())
              + f"; {FILLER_NAME}: repeated sentences (passkey only); or a .txt / .jsonl file. "
-             + f"Default: pydoc for nll, {FILLER_NAME} for passkey.")
+             + f"Default: pydoc for nll, {FILLER_NAME} for passkey; "
+             + "; ".join(f"{t.default_text} for {name}" for name, t in TASKS.items()) + ".")
 
 
 def _check_text(task: Optional[str], text: Optional[str], samples: int, context: int, continuation: int) -> str | None:
@@ -72,9 +81,10 @@ def _check_text(task: Optional[str], text: Optional[str], samples: int, context:
         if text is not None:
             raise KvtoolError("--text is read by --task passkey|nll only; leave it out with --prompt / --prompt-file")
         return None
-    source = text if text is not None else "pydoc" if task == "nll" else FILLER_NAME
+    default = TASKS[task].default_text if task in TASKS else "pydoc" if task == "nll" else FILLER_NAME
+    source = text if text is not None else default
     need = samples * (context + continuation) if task == "nll" else 0
-    check_text_source(source, passkey=task == "passkey", need_tokens=need)
+    check_text_source(source, passkey=task != "nll", need_tokens=need)
     return source
 
 
@@ -89,7 +99,7 @@ def _check_task(task: Optional[str], lengths: str, depths: int, samples: int, co
     lens = _int_list(lengths, "--lengths")
     checks.whole("--chunk", chunk)
     checks.seed(seed)
-    if task == "passkey":
+    if task == "passkey" or task in TASKS:
         checks.whole("--depths", depths, 1, 10_000)
     if task == "nll":
         checks.samples(samples)
@@ -110,6 +120,9 @@ def _check_task_context(limit: Optional[int], task: Optional[str], lens: list[in
 
     if task == "passkey":
         within(limit, max(lens) + PASSKEY_ANSWER, f"--lengths {max(lens)} plus up to {PASSKEY_ANSWER} answer tokens")
+    elif task in TASKS:
+        extra = TASKS[task].answer_tokens if TASKS[task].kind == "generate" else decode_steps
+        within(limit, max(lens) + extra, f"--lengths {max(lens)} plus up to {extra} answer / decode tokens")
     elif task == "nll":
         within(limit, context + continuation + decode_steps,
                f"--context {context} + --continuation {continuation} + {decode_steps} decode steps")
@@ -126,6 +139,10 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
         return passkey_grid(tok, lengths, default_depths(depths), seed=seed, text=text)
     if task == "nll":
         return nll_samples(tok, n_nll, context, continuation, seed=seed, source=text)
+    if task in TASKS:
+        from kvtool.tasks import samples
+
+        return samples(task, tok, lengths, default_depths(depths), seed=seed, text=text)
     raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
 
 
@@ -150,9 +167,14 @@ def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int,
                 results.append(saved)
             elif task == "passkey":
                 results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query))
+            elif task in TASKS and TASKS[task].kind == "generate":
+                from kvtool.tasks import run_generate
+
+                results.append(run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend))
             else:
                 results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
                                        decode_steps=decode_steps))
+                results[-1].task = task
             results[-1].text = text
             if rows is not None and saved is None:
                 append_row(rows, setup, results[-1])
@@ -290,7 +312,7 @@ def run(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Generate from the text of this file."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate with --prompt."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap --prompt in the model's chat template when it has one."),
-    task: Optional[str] = typer.Option(None, "--task", help="passkey or nll: full cache vs compressed, side by side."),
+    task: Optional[str] = typer.Option(None, "--task", help=TASK_HELP + ": full cache vs compressed, side by side."),
     lengths: str = typer.Option("1024,2048,3072,4096", "--lengths", help="passkey: prompt lengths, comma-separated."),
     depths: int = typer.Option(2, "--depths", help="passkey: needle depths per length (evenly spaced in 0.1-0.9)."),
     samples: int = typer.Option(6, "--samples", "-n", help="nll: contexts."),
@@ -314,8 +336,7 @@ def run(
 
     if sum(x is not None for x in (prompt, prompt_file, task)) != 1:
         raise KvtoolError("give exactly one of --prompt, --prompt-file or --task passkey|nll")
-    if task is not None and task not in ("passkey", "nll"):
-        raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
+    _known_task(task)
     text = prompt if prompt is not None else _prompt_text(prompt_file) if prompt_file is not None else None
     if text is not None:
         if not text.strip():
@@ -481,7 +502,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def bench(
     model: Optional[str] = typer.Argument(None, help="Model (default: the embedded SmolLM2-135M-Instruct)."),
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile (default: the shipped one for the default model)."),
-    task: str = typer.Option("nll", "--task", help="passkey or nll."),
+    task: str = typer.Option("nll", "--task", help=TASK_HELP + "."),
     policies: Optional[str] = typer.Option(None, "--policies", help="kvtool policies to sweep, separated by ';' (default: a sweep of head split and 2/4-bit)."),
     baselines: Optional[str] = typer.Option(None, "--baselines", help="Baselines, ';'-separated: quanto:<2|4>, streaming:<sink>:<recent>, press:<name>:<ratio> (kvpress), or 'none'."),
     lengths: str = typer.Option("1024,2048,3072,4096", "--lengths", help="passkey: prompt lengths, comma-separated."),
@@ -506,8 +527,7 @@ def bench(
     from kvtool import checks
     from kvtool.models import _as_dtype
 
-    if task not in ("passkey", "nll"):
-        raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
+    _known_task(task)
     lens = _check_task(task, lengths, depths, samples, context, continuation, chunk, seed, decode_steps)
     _check_query(query, task)
     if threads is not None:
@@ -550,7 +570,7 @@ def bench(
     setup = None
     if rows_file is not None:
         picks = dict(lengths=lens, depths=depths, **({"query": query} if query != "inside" else {})) \
-            if task == "passkey" else \
+            if task != "nll" else \
             dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
         setup = _rows_setup(model, profile or shipped_profile(model), task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)

@@ -46,7 +46,7 @@ class TaskResult:
 
     def row(self) -> dict:
         out = {"cache": self.spec, "task": self.task, "samples": self.samples}
-        if self.task == "passkey":
+        if self.correct is not None:                          # passkey and the generation tasks of kvtool.tasks
             out["accuracy"] = f"{self.correct}/{self.samples}"
             out["hits"] = "".join("1" if h else "0" for h in self.hits)
         else:

@@ -16,14 +16,15 @@ def memory_vs_quality(results, path: str | Path, task: str) -> Path:
 
     from kvtool.inspect import _save_figure
 
+    accuracy = bool(results) and results[0].correct is not None          # passkey and kvtool.tasks' generation tasks
     points = []
     for r in results:
-        y = r.correct / max(r.samples, 1) if task == "passkey" else r.nll
+        y = r.correct / max(r.samples, 1) if accuracy else r.nll
         kind = "full" if r.spec == "full" else "baseline" if ":" in r.spec.split("=")[0] else "kvtool"
         points.append((1.0 / r.ratio, y, kind, r.spec))
     full = next((p[1] for p in points if p[2] == "full"), None)
     top = None
-    if task == "nll" and full is not None:
+    if not accuracy and full is not None:
         top = max([p[1] for p in points if p[1] <= 1.25 * full] + [full]) * 1.01
     fig, ax = plt.subplots(figsize=(9, 5.2 + 0.22 * len(points)))
     style = {"full": ("k", "*", 180), "baseline": ("tab:orange", "s", 70), "kvtool": ("tab:blue", "o", 70)}
@@ -40,7 +41,7 @@ def memory_vs_quality(results, path: str | Path, task: str) -> Path:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("KV bytes held / 16-bit full cache (log scale; left is smaller)")
-    ax.set_ylabel("passkey accuracy (higher is better)" if task == "passkey" else "continuation NLL (lower is better)")
+    ax.set_ylabel(f"{task} accuracy (higher is better)" if accuracy else f"{task}: continuation NLL (lower is better)")
     n = results[0].samples if results else 0
     ax.set_title(f"kvtool bench --task {task}: {n} samples, same inputs for every cache")
     ax.grid(True, which="both", alpha=0.3)

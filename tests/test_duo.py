@@ -158,3 +158,34 @@ def test_checkpoint_path_is_checked_before_training(tmp_path):
         Duo(**SMALL, checkpoint=str(tmp_path))
     with pytest.raises(KvtoolError, match="does not exist"):
         Duo(**SMALL, checkpoint=str(tmp_path / "no-dir" / "c.ckpt"))
+
+
+def test_trained_as_deployed_on_the_evaluation_tasks(model, tok):
+    """data = kvtool.tasks names: each step is one task's sample (prompt + answer, the answer supervised), from seeds
+    the evaluation (seed 0) never uses; the gates lower the objective there too, and the gate curve is reported."""
+    duo = Duo(**{**SMALL, "data": "copy,lookup", "min_len": 160, "max_len": 200, "steps": 10, "lr": 0.05})
+    grid = duo.grid(model)
+    a, b = duo.sample(tok, grid, 0), duo.sample(tok, grid, 1)
+    assert a.meta["kind"] == "copy" and b.meta["kind"] == "lookup"
+    (start, end), = a.answer_spans
+    assert end == a.input_ids.numel() and a.meta["qa_start"] == start - 1 and start in grid
+    assert torch.equal(duo.supervised(a), torch.arange(start - 1, end))
+    from kvtool import tasks
+
+    held_out = tasks.copy_samples(tok, [start], a.meta["depths"], seed=0)[0][0]
+    assert not torch.equal(held_out, a.input_ids[:start])                    # not an evaluation sample
+    result = duo.run(model, tok)
+    gates = result.tensors["gate"]
+    assert objective(duo, model, tok, gates) < objective(duo, model, tok, torch.ones(2, 2))
+    curve = result.params["gate_curve"]
+    assert [p["step"] for p in curve] == list(range(1, 11))                   # every max(1, steps // 20) steps
+    assert curve[0]["mean_abs_change"] > 0 and all(p["max_abs_change"] >= p["mean_abs_change"] for p in curve)
+    assert sum(p["mean_abs_change"] for p in curve) >= float((1 - gates).abs().mean()) - 1e-4   # 6 decimals
+    assert result.params["data"] == "copy,lookup"
+
+
+def test_unknown_training_task_is_refused():
+    with pytest.raises(KvtoolError, match="give passkey or evaluation tasks"):
+        Duo(**SMALL, data="copy,sort")
+    assert Duo.from_preset("deploy").train_sink == Duo.deploy_sink and \
+        Duo.from_preset("deploy").train_recent == Duo.deploy_recent

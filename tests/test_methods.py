@@ -30,6 +30,7 @@ TINY = {
     "retrieval": {},                                          # reuses the profile's passkey trace
     "razor": {"probe_len": 16},
     "duo": {"preset": "cpu", "steps": 2},
+    "combo": {"signals": "copy,distant"},                     # the two head signals a traced profile holds
     "kvquant": {"bits": (2,), "vgroup": 4, "samples": 1, "seq_len": 192},
     "pca": {"samples": 1, "seq_len": 192},
     "pod": {"samples": 1, "heldout": 1, "seq_len": 192},
@@ -177,6 +178,10 @@ BAD = [
     ("retrieval-threshold", "retrieval", ["--threshold", "2"], "--threshold must lie in [0, 1]"),
     ("kvquant-bits", "kvquant", ["--profile", "{profile}", "--bits", "5"], "--bits must be some of"),
     ("duo-clip", "duo", ["--preset", "cpu", "--clip", "0.9"], "--clip does not apply to duo"),
+    ("duo-unknown-task", "duo", ["--preset", "cpu", "--data", "copy,sort"], "give passkey or evaluation tasks"),
+    ("combo-no-profile", "combo", [], "combo needs a profile's head signals"),
+    ("combo-missing-signal", "combo", ["--profile", "{profile}", "--signals", "duo,copy"], "has no heads.duo.gate"),
+    ("combo-one-signal", "combo", ["--profile", "{profile}", "--signals", "copy"], "two or more different signals"),
     ("razor-fraction-for-pod", "pod", ["--profile", "{profile}", "--retrieval-fraction", "0.5"],
      "--retrieval-fraction does not apply to pod"),
 ]
