@@ -192,6 +192,21 @@ def _prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev):
     return prefill(model, question.view(1, -1).to(dev), cache, chunk)
 
 
+def greedy(model, cache, logits, steps: int, m: "Meter") -> list[int]:
+    """`steps` greedy tokens after a prefill whose last logits are `logits` [1, V]; every step but the last is a
+    timed single-token decode through `cache` (the last token needs no forward)."""
+    got = []
+    for i in range(steps):
+        token = logits.argmax(-1)                                                    # [1]
+        got.append(int(token))
+        if i + 1 == steps:
+            break
+        with m.dec:
+            logits = model(input_ids=token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[:, -1]
+        m.n_dec += 1
+    return got
+
+
 @torch.inference_mode()
 def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto",
                 query: str = "inside") -> TaskResult:
@@ -209,16 +224,8 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
         with m.pre:
             logits = _prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
         m.n_pre += prompt.numel()
-        got = []
         steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
-        for i in range(steps):
-            token = logits.argmax(-1)                                            # [1]
-            got.append(int(token))
-            if i + 1 == steps:
-                break
-            with m.dec:
-                logits = model(input_ids=token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[:, -1]
-            m.n_dec += 1
+        got = greedy(model, cache, logits, steps, m)
         hits.append(answer in tokenizer.decode(got))
         m.held(cache)
         m.step_read(cache)

@@ -276,8 +276,8 @@ def run_generate(model, tokenizer, samples, spec: str, task: str, profile=None, 
     """A generation task under cache `spec`: chunked prefill, then greedy decoding of len(answer)+4 tokens; per-sample
     hits (TaskResult.hits, so paired bootstrap intervals work) and the accuracy."""
     from kvtool.baselines import make_cache
-    from kvtool.cache import prefill, with_cache
-    from kvtool.evaluate import Meter, _device
+    from kvtool.cache import prefill
+    from kvtool.evaluate import Meter, _device, greedy
 
     t = get(task)
     m = Meter(make_cache(model, profile, spec, backend))
@@ -288,16 +288,8 @@ def run_generate(model, tokenizer, samples, spec: str, task: str, profile=None, 
         with m.pre:
             logits = prefill(model, prompt.view(1, -1).to(dev), cache, chunk)          # [1, V]
         m.n_pre += prompt.numel()
-        steps = len(answer_ids) + _SPARE
-        got = []
-        for i in range(steps):
-            token = logits.argmax(-1)                                                  # [1]
-            got.append(int(token))
-            if i + 1 == steps:
-                break
-            with m.dec:
-                logits = model(input_ids=token.view(1, 1), **with_cache(model, cache), use_cache=True).logits[:, -1]
-            m.n_dec += 1
+        got = greedy(model, cache, logits, len(answer_ids) + _SPARE, m)
         hits.append(correct(t, got, answer_ids, answer, tokenizer))
         m.held(cache)
+        m.step_read(cache)
     return m.result(spec, task, len(samples), correct=sum(hits), hits=hits)
