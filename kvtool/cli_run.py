@@ -226,12 +226,12 @@ def append_row(path: Path, setup: dict, result) -> None:
 
 
 def _rows_setup(model: Optional[str], prof_path: Optional[Path], task: str, **options) -> dict:
-    """What makes two rows comparable: the model, the profile's bytes, the task and every option that picks or scores
-    its samples."""
-    import hashlib
+    """What makes two rows comparable: the model, the profile's tensors and the method `heads=<f>` names
+    (`kvtool.profile.rows_fingerprint`), the task and every option that picks or scores its samples."""
+    from kvtool.profile import rows_fingerprint
 
-    digest = hashlib.sha256(prof_path.read_bytes()).hexdigest() if prof_path is not None else None
-    return {"model": model or "embedded", "profile_sha256": digest, "task": task, **options}
+    prof = rows_fingerprint(prof_path) if prof_path is not None else {"profile_tensors_sha256": None}
+    return {"model": model or "embedded", **prof, "task": task, **options}
 
 
 SHORT = {"x_smaller_than_16bit": "x smaller", "read_MiB": "read MiB/step", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",

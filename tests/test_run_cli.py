@@ -206,6 +206,26 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
     code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--policies", "heads=all", "--seed", "1")
     assert code == 0, err
     assert ran[1:] == ["full", "heads=all"] and len(rows.read_text().splitlines()) == 5
+    # the setup names the profile by its tensors: a new default policy (metadata only) keeps the rows; new tensors do not
+    from kvtool.profile import rows_fingerprint
+
+    same = tmp_path / "same.kv.st"
+    code, _, err = run(capsys, "policy", prof, "heads=all,k=4,v=4", "--model", model, "-o", same)
+    assert code == 0, err
+    assert same.read_bytes() != prof.read_bytes()
+    assert rows_fingerprint(same)["profile_tensors_sha256"] == rows_fingerprint(prof)["profile_tensors_sha256"]
+    assert rows_fingerprint(same)["profile_method"] == "all"
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(prof), framework="pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(prof))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    other = tmp_path / "other.kv.st"
+    save_file(tensors, str(other), metadata=meta)
+    assert rows_fingerprint(other)["profile_tensors_sha256"] != rows_fingerprint(prof)["profile_tensors_sha256"]
     bad = tmp_path / "notes.jsonl"
     bad.write_text("hello\n")
     code, _, err = run(capsys, "bench", model, "--profile", prof, *nll[:-1], bad, "--policies", "heads=all")
