@@ -225,13 +225,11 @@ def append_row(path: Path, setup: dict, result) -> None:
         os.fsync(fh.fileno())
 
 
-def _rows_setup(model: Optional[str], prof_path: Optional[Path], task: str, **options) -> dict:
-    """What makes two rows comparable: the model, the profile's tensors and the method `heads=<f>` names
-    (`kvtool.profile.rows_fingerprint`), the task and every option that picks or scores its samples."""
-    from kvtool.profile import rows_fingerprint
-
-    prof = rows_fingerprint(prof_path) if prof_path is not None else {"profile_tensors_sha256": None}
-    return {"model": model or "embedded", **prof, "task": task, **options}
+def _rows_setup(model: Optional[str], prof, task: str, **options) -> dict:
+    """What makes two rows comparable: the model, the loaded profile's tensors and the method `heads=<f>` names
+    (`Profile.rows_fingerprint`), the task and every option that picks or scores its samples."""
+    fingerprint = prof.rows_fingerprint() if prof is not None else {"profile_tensors_sha256": None}
+    return {"model": model or "embedded", **fingerprint, "task": task, **options}
 
 
 SHORT = {"x_smaller_than_16bit": "x smaller", "read_MiB": "read MiB/step", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",
@@ -575,7 +573,7 @@ def bench(
         picks = dict(lengths=lens, depths=depths, **({"query": query} if query != "inside" else {})) \
             if task != "nll" else \
             dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
-        setup = _rows_setup(model, profile or shipped_profile(model), task, text=source, seed=seed, chunk=chunk,
+        setup = _rows_setup(model, prof, task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)
     results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
                          rows=rows_file, setup=setup, query=query)

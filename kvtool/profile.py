@@ -223,6 +223,24 @@ class Profile:
         p = prefix.rstrip(".") + "."
         return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
 
+    def rows_fingerprint(self) -> dict:
+        """What in a profile decides a benchmark row (`kvtool bench --rows`): a sha256 over its tensors (name, dtype,
+        shape, bytes, in name order) and the method a bare `heads=<fraction>` resolves to. The rest of the metadata
+        (the default policy string, calibration notes) does not change a row of an explicit policy, so setting a
+        profile's default with `kvtool policy` keeps its rows."""
+        from kvtool.policy import Policy
+
+        digest = hashlib.sha256()
+        for name in sorted(self.tensors):
+            t = self.tensors[name].detach().cpu().contiguous()
+            digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        try:
+            method = Policy.from_profile(self.policy).heads
+        except KvtoolError:      # no usable default policy: a bare heads=<f> is refused anyway
+            method = None
+        return {"profile_tensors_sha256": digest.hexdigest(), "profile_method": method}
+
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, where: str = "profile") -> None:
         """Shapes against the model record (leading axes per section; exact shapes for every tensor kvtool writes,
@@ -350,24 +368,8 @@ def read_file(path: Path, tensors: bool = False) -> tuple[dict, dict]:
 
 
 def rows_fingerprint(path: Path) -> dict:
-    """What in a profile decides a benchmark row (`kvtool bench --rows`): a sha256 over its tensors (name, dtype,
-    shape, bytes, in name order) and the method a bare `heads=<fraction>` resolves to. The rest of the metadata (the
-    default policy string, calibration notes) does not change a row of an explicit policy, so setting a profile's
-    default with `kvtool policy` keeps its rows."""
-    from kvtool.policy import Policy
-
-    meta, tensors = read_file(path, tensors=True)
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    try:
-        policy = Policy.from_profile(json.loads(meta.get("kvtool.policy") or "{}"))
-        method = policy.heads
-    except Exception:      # a profile without a usable default: bare heads=<f> is refused anyway
-        method = None
-    return {"profile_tensors_sha256": digest.hexdigest(), "profile_method": method}
+    """`Profile.rows_fingerprint` of the profile file at `path`."""
+    return Profile.load(path).rows_fingerprint()
 
 
 def _alias(tensors: dict, name: str) -> str | None:
