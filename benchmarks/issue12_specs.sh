@@ -43,7 +43,7 @@ ROWS=${ROWS:-benchmarks/rows-issue12.jsonl}
 PASSKEY="--task passkey --lengths 1024,2048,3072,4096 --depths 10 --threads 1"   # 40 samples, 1k-4k
 NLL="--task nll --samples 6 --context 2048 --continuation 128 --decode-steps 4 --threads 1"
 
-split() {             # the specs of "$1" (';'-separated) whose index is $2 modulo 2, ';'-separated
+half() {              # the specs of "$1" (';'-separated) whose index is $2 modulo 2, ';'-separated
   local i=0 out="" s
   IFS=';' read -ra items <<< "$1"
   for s in "${items[@]}"; do [ $((i % 2)) -eq "$2" ] && out="$out$s;"; i=$((i + 1)); done
@@ -52,8 +52,8 @@ split() {             # the specs of "$1" (';'-separated) whose index is $2 modu
 
 sweep() {            # $1: the bench options; the full cache once, then every policy, two processes sharing $ROWS
   kvtool bench $1 --baselines none --policies full --rows "$ROWS" --json > /dev/null
-  kvtool bench $1 --baselines none --policies "$(split "$ORDERED" 0)" --rows "$ROWS" --json > /dev/null &
-  kvtool bench $1 --baselines none --policies "$(split "$ORDERED" 1)" --rows "$ROWS" --json > /dev/null
+  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 0)" --rows "$ROWS" --json > /dev/null &
+  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 1)" --rows "$ROWS" --json > /dev/null
   wait
 }
 

@@ -258,7 +258,7 @@ def _vs_full(rows: list[dict]) -> list[dict]:
             elif k in ("nll", "accuracy") and full is not None:
                 row["95% CI"] = "—"
         table_rows.append(row)
-    if not any("read=" in r["cache"] for r in rows):       # no RocketKV stage 2: a step reads what the cache holds
+    if not any(r.get("read_MiB", r["kv_MiB"]) < r["kv_MiB"] for r in rows):   # every step read what its cache holds
         for row in table_rows:
             row.pop(SHORT["read_MiB"], None)
     return table_rows
