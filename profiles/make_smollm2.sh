@@ -11,4 +11,5 @@ kvtool calibrate --method duo --preset cpu --profile "$out" --checkpoint "$work/
 kvtool calibrate --method kvquant --profile "$out"          # k-means quantization levels (2/3/4 bit), ~1 min
 kvtool calibrate --method pca --profile "$out"              # PCA bases from the traced moments + latent ranges, ~2 min
 kvtool calibrate --method pod --threshold 0.4 --samples 2 --seq-len 512 --profile "$out"   # PoD groups + key maps, ~1 min
+kvtool calibrate --method combo --profile "$out"          # mean rank of duo, copy score, razor (profile only, seconds)
 kvtool policy "$out" "heads=duo:0.5,k=4,v=4,krope=pre"     # the default policy: duo's half of the KV heads whole in 4 bits (4x)
