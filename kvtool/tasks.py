@@ -6,6 +6,10 @@ filler) at a depth, and asks for it back at the end of the context, so the answe
   copy          induction / copy (the mechanism of induction heads, Olsson et al., arXiv 2209.11895): a span of
                 random words stands once in the haystack; the prompt ends with the span's first words and the model
                 must continue the rest. Correct: the greedy continuation equals the rest of the span token for token.
+  copy-digits   the same with random digits: a line of DIGIT_GROUPS groups of 4 random digits stands once in the
+                haystack; the prompt ends with its first DIGIT_CUE groups, the model must continue the rest, digit for
+                digit. Words drew prior-driven slips from the embedded model ("examples" for "example", a line cut
+                short); digits carry no prior, so the task measures the distant copy alone.
   lookup        multi-key lookup (a key-value retrieval in the style of Liu et al., "Lost in the Middle", arXiv
                 2307.03172): several "key: value" lines (random words, 4-digit values) scattered through the
                 haystack; the prompt asks for one key. Correct: the value is in the answer.
@@ -36,6 +40,8 @@ from kvtool.errors import KvtoolError
 
 SPAN_WORDS = 8           # copy: words in the random span
 CUE_WORDS = 4            # copy: words of the span that end the prompt (the rest is the answer)
+DIGIT_GROUPS = 4         # copy-digits: groups of 4 random digits on the line
+DIGIT_CUE = 2            # copy-digits: of those, groups that end the prompt (the rest is the answer)
 LOOKUP_KEYS = 8          # lookup: key-value lines in the haystack
 REPEAT_SPAN = 96         # nll-repeat: tokens of the repeated span
 REPEAT_CUE = 8           # nll-repeat: of those, tokens that end the context (the rest is scored)
@@ -121,6 +127,33 @@ def copy_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_N
         ids = _bos(tokenizer) + window[:cut] + nl + words + nl + window[cut:] + tail
         answer = words[cue:]
         out.append((torch.tensor(ids, dtype=torch.int64), answer, tokenizer.decode(answer)))   # prompt: [T]
+    return out
+
+
+def copy_digits_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME,
+                        groups: int = DIGIT_GROUPS, cue: int = DIGIT_CUE):
+    """copy-digits: (prompt [T], answer ids, answer text) per (length, depth). A line of `groups` groups of 4 random
+    digits ("4821 7730 1956 3342") stands between two newlines at `depth` of the haystack; the prompt ends with a
+    newline and its first `cue` groups, the answer is the rest (" 1956 3342"), each group encoded on its own."""
+    if not 1 <= cue < groups:
+        raise KvtoolError(f"copy-digits: the cue ({cue} groups) must be shorter than the line ({groups} groups)")
+    check_text_source(text, passkey=True, flag="copy-digits haystack")
+    nl = _encode(tokenizer, "\n")
+    need = max((n for n, _ in _specs(lengths, depths)), default=1)
+    hay = _haystack(tokenizer, text, need)
+    out = []
+    for i, (length, depth) in enumerate(_specs(lengths, depths)):
+        rng = _rng(seed, i)
+        parts = [" " * (g > 0) + "".join(str(int(d)) for d in rng.integers(0, 10, 4)) for g in range(groups)]
+        ids_of = [_encode(tokenizer, p) for p in parts]
+        line = [t for g in ids_of for t in g]
+        tail = nl + [t for g in ids_of[:cue] for t in g]
+        n = length - len(_bos(tokenizer)) - (len(line) + 2 * len(nl)) - len(tail)
+        _, window = _window(hay, n, rng, text)
+        cut = int(depth * n)
+        ids = _bos(tokenizer) + window[:cut] + nl + line + nl + window[cut:] + tail
+        answer = [t for g in ids_of[cue:] for t in g]
+        out.append((torch.tensor(ids, dtype=torch.int64), answer, "".join(parts[cue:])))        # prompt: [T]
     return out
 
 
@@ -236,6 +269,9 @@ def repeat_nll_samples(tokenizer, lengths, depths, seed: int = 0, text: str = "s
 TASKS: dict[str, Task] = {
     "copy": Task("copy", "generate", copy_samples, "continue a span of random words seen once earlier (induction)",
                  FILLER_NAME, exact=True, answer_tokens=SPAN_WORDS - CUE_WORDS + _SPARE),
+    "copy-digits": Task("copy-digits", "generate", copy_digits_samples,
+                        "continue a line of random 4-digit groups seen once earlier (induction)", FILLER_NAME,
+                        exact=True, answer_tokens=5 * (DIGIT_GROUPS - DIGIT_CUE) + _SPARE),
     "lookup": Task("lookup", "generate", lookup_samples, f"the value of one of {LOOKUP_KEYS} key: value lines",
                    "stdlib", answer_tokens=16),
     "passkey-chat": Task("passkey-chat", "generate", chat_passkey_samples,

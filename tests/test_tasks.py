@@ -22,7 +22,7 @@ def _find(seq: list[int], sub: list[int]) -> list[int]:
     return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
 
 
-@pytest.mark.parametrize("name", ["copy", "lookup", "passkey-chat"])
+@pytest.mark.parametrize("name", ["copy", "copy-digits", "lookup", "passkey-chat"])
 def test_generation_prompts_have_their_length_and_hold_the_answer(tok, name):
     data = tasks.samples(name, tok, [160, 300], [0.2, 0.8], seed=3)
     assert len(data) == 4
@@ -46,6 +46,26 @@ def test_copy_prompt_ends_with_the_cue_and_the_span_stands_once_at_its_depth(tok
     first = _find(p1.tolist(), p1.tolist()[-3:])[0]
     second = _find(p2.tolist(), p2.tolist()[-3:])[0]
     assert first < 0.3 * 400 < 0.7 * 400 < second                # depth 0.1 vs 0.9
+
+
+def test_copy_digits_line_stands_once_and_the_prompt_ends_with_its_first_groups(tok):
+    data = tasks.copy_digits_samples(tok, [300, 300], [0.2, 0.8], seed=7, groups=4, cue=2)
+    lines = []
+    for (prompt, answer_ids, answer), depth in zip(data, [0.2, 0.8, 0.2, 0.8]):
+        ids, text = prompt.tolist(), tok.decode(prompt)
+        assert len(ids) == 300
+        head, cue = text.rsplit("\n", 1)
+        groups = cue.split(" ")
+        assert len(groups) == 2 and all(len(g) == 4 and g.isdigit() for g in groups)
+        assert len(answer) == 10 and answer[0] == " " and answer[1:5].isdigit() and answer[6:].isdigit()
+        assert tok.decode(answer_ids) == answer
+        line = cue + answer
+        assert head.count(line) == 1 and f"\n{line}\n" in head       # the whole line once, on its own line
+        assert len(_find(ids, answer_ids)) == 1                         # the answer's ids only there
+        lines.append(line)
+        at = head.index(line) / len(head)
+        assert abs(at - depth) < 0.15
+    assert len(set(lines)) == len(lines)                              # every sample draws its own digits
 
 
 def test_lookup_has_every_key_once_and_asks_for_one(tok):
@@ -94,6 +114,8 @@ def test_scoring_exact_vs_contains(tok):
     (lambda t: tasks.samples("sort", t, [100], [0.5]), "unknown task 'sort'"),
     (lambda t: tasks.copy_samples(t, [100], [0.5], span=4, cue=4), "cue"),
     (lambda t: tasks.copy_samples(t, [12], [0.5]), "too short"),
+    (lambda t: tasks.copy_digits_samples(t, [100], [0.5], groups=3, cue=3), "cue"),
+    (lambda t: tasks.copy_digits_samples(t, [20], [0.5]), "too short"),
     (lambda t: tasks.lookup_samples(t, [100], [0.5], text="/no/such.txt"), "no such text source"),
 ])
 def test_bad_task_input_is_one_error(tok, call, needle):
