@@ -1,6 +1,6 @@
 # Issue 14, point 4: retrieval-head rankings against random, on the pre-registered tasks (docs/BENCHMARKS.md,
 # "Issue 14: evaluation tasks"). `source benchmarks/issue14_proof.sh` defines the specs; `bash benchmarks/issue14_proof.sh
-# run TASK [PART PARTS]` runs the grid for one task (passkey-chat, or the second task) into its rows file, part PART of
+# run TASK [PART PARTS]` runs the grid for one task (passkey-chat or copy-digits) into its rows file, part PART of
 # PARTS (every PARTS-th spec from PART, so two processes given 0 2 and 1 2 share the work). Every row is saved as it
 # finishes, so a stopped run resumes where it was. Hours on CPU (20-30 min per row at one thread); not run by any test.
 #
@@ -35,7 +35,7 @@ if [ "${1:-}" = run ]; then
   set -euo pipefail
   task=$2 p=${3:-0} n=${4:-1}
   case $task in
-    passkey-chat|copy) text=filler ;;
+    passkey-chat|copy|copy-digits) text=filler ;;
     *) text=${TEXT:-filler} ;;
   esac
   kvtool bench --task "$task" --text "$text" --lengths 1024,2048,3072,4096 --depths 10 --seed "${SEED:-0}" \
