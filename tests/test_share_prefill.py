@@ -153,3 +153,81 @@ def test_refusals_of_an_inexact_adoption():
         CompressedCache(model, None, narrow).adopt_prefill(source)
     sliding = tiny_model("sliding")
     assert "not one SnapKV store" in CompressedCache(sliding, None, narrow).share_refusal()
+
+
+def test_share_plan_groups_what_qualifies():
+    from kvtool.shared_prefill import share_plan
+
+    model = tiny_model("gqa")
+    specs = ["full", "select=snapkv++,budget=8", "select=h2o,budget=8", "select=snapkv,budget=8,obs=4",
+             "select=snapkv++,budget=8,dtype=fp32", "heads=random:0.5,select=snapkv++,budget=8", "streaming:4:8",
+             "select=snapkv++,budget=16,read=8"]
+    assert share_plan(model, None, specs) == [[0], [1, 3, 7], [2], [4], [5], [6]]
+    assert share_plan(tiny_model("sliding"), None, specs[1:2] + specs[3:4]) == [[0], [1]]   # sliding layers
+
+
+SHARED = ["select=snapkv++,budget=40,obs=8,kernel=7", "select=snapkv,budget=32,obs=4,kernel=5",
+          "select=snapkv++,budget=40,obs=8,kernel=7,read=16,page=8", "select=snapkv++,budget=48,k=4,v=4,sink=4,buffer=8"]
+UNSHARED = ["full", "select=h2o,budget=40", "heads=0.5,select=snapkv++,budget=40,sink=4,recent=16"]
+
+
+def _bench(model, tok, prof, task, samples, share, query="inside", **kw):
+    from kvtool.cli_run import _run_specs
+
+    return _run_specs(model, tok, prof, task, samples, UNSHARED[:1] + SHARED[:2] + UNSHARED[1:] + SHARED[2:], 16,
+                      "auto", decode_steps=2, query=query, share=share, **kw)
+
+
+def _same(a, b):
+    assert a.spec == b.spec
+    assert (a.hits, a.correct, a.nll, a.sample_nll) == (b.hits, b.correct, b.nll, b.sample_nll), a.spec
+    assert (a.kv_bytes, a.full16_bytes, a.read_bytes, a.query) == (b.kv_bytes, b.full16_bytes, b.read_bytes, b.query)
+
+
+def test_bench_share_prefill_gives_the_unshared_results(tiny_with_profile):
+    """passkey (question inside and after), nll and a generation task: the same per-sample hits / NLL, bytes held
+    and read, with and without sharing; the shared rows say so, the others run alone."""
+    from kvtool.cli_run import _samples
+    from kvtool.models import load_model
+    from kvtool.profile import Profile
+
+    model_dir, prof = tiny_with_profile
+    model, tok = load_model(str(model_dir))
+    p = Profile.load(prof)
+    runs = [("passkey", "inside"), ("passkey", "after"), ("nll", "inside"), ("copy", "inside")]
+    for task, query in runs:
+        data = _samples(task, tok, [96], 2, 2, 72, 12, 0, {"nll": "pydoc", "copy": "filler"}.get(task, "filler"))
+        alone = _bench(model, tok, p, task, data, False, query)
+        shared = _bench(model, tok, p, task, data, True, query)
+        for a, b in zip(alone, shared):
+            _same(a, b)
+            assert not a.shared_prefill and b.shared_prefill == (a.spec in SHARED), a.spec
+            assert b.prefill_tokens_per_s > 0 and b.seconds > 0
+        assert len({r.kv_bytes for r in shared}) > 2                  # the caches differ: the check could fail
+        if task == "nll":
+            assert len({tuple(r.sample_nll) for r in shared}) > 2
+
+
+def test_bench_rows_setup_is_the_same_with_and_without_sharing(capsys, tiny_with_profile, tmp_path):
+    """--rows: a run with --share-prefill appends each row once (marked shared); the same command without the flag
+    reads every row back instead of running (the setup does not name the flag), and prints the same results."""
+    from test_cli import run
+
+    model_dir, prof = tiny_with_profile
+    rows = tmp_path / "rows.jsonl"
+    args = ["bench", model_dir, "--profile", prof, "--task", "nll", "--samples", "2", "--context", "64",
+            "--continuation", "8", "--decode-steps", "1", "--chunk", "16", "--baselines", "none", "--policies",
+            ";".join(SHARED[:2] + UNSHARED[1:2]), "--rows", rows, "--json"]
+    code, out, err = run(capsys, *args, "--share-prefill")
+    assert code == 0, err
+    first = json.loads(out)
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [x["result"]["spec"] for x in lines] == ["full"] + SHARED[:2] + UNSHARED[1:2] or \
+        sorted(x["result"]["spec"] for x in lines) == sorted(["full"] + SHARED[:2] + UNSHARED[1:2])
+    assert [x["result"]["shared_prefill"] for x in lines if x["result"]["spec"] in SHARED[:2]] == [True, True]
+    assert all("share" not in k for k in lines[0]["setup"])
+    assert [r.get("shared_prefill", False) for r in first] == [False, True, True, False]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert len(rows.read_text().splitlines()) == len(lines)            # nothing ran again
+    assert json.loads(out) == first
