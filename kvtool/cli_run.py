@@ -258,7 +258,10 @@ def append_row(path: Path, setup: dict, result) -> None:
     import dataclasses
     import os
 
-    line = json.dumps({"setup": setup, "result": dataclasses.asdict(result)}) + "\n"
+    item = dataclasses.asdict(result)
+    if not item.get("shared_prefill"):
+        item.pop("shared_prefill", None)     # a row that shared nothing reads as before (older kvtool reads it too)
+    line = json.dumps({"setup": setup, "result": item}) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
