@@ -1,6 +1,9 @@
 # Issue 12, point 6: token selection side by side. `source benchmarks/issue12_specs.sh` defines the policy strings;
 # `bash benchmarks/issue12_specs.sh run` runs the sweep (long: hours on CPU; every row is saved as it finishes in
 # $ROWS, so it resumes, and two processes given the same file share the work). Not run by any test.
+# The sweep passes --share-prefill: in each process the SPP / SNAP / ROCK / SPPQ specs (select=snapkv++|snapkv with
+# heads=all) run from one prefill per sample (exactly the same results; docs/runtime.md); STR, H2O and the head
+# splits run alone. Their rows are written when the whole group is done, so an interruption loses that group's work.
 #
 # Caches, at budgets 128/256/512/1024 tokens per KV head (the StreamingLLM window is sink 4 + recent budget-4):
 #   SPP   SnapKV++ (one selection per KV group, RocketKV stage 1)  select=snapkv++,budget=B
@@ -52,8 +55,8 @@ half() {              # the specs of "$1" (';'-separated) whose index is $2 modu
 
 sweep() {            # $1: the bench options; the full cache once, then every policy, two processes sharing $ROWS
   kvtool bench $1 --baselines none --policies full --rows "$ROWS" --json > /dev/null
-  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 0)" --rows "$ROWS" --json > /dev/null &
-  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 1)" --rows "$ROWS" --json > /dev/null
+  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 0)" --rows "$ROWS" --share-prefill --json > /dev/null &
+  kvtool bench $1 --baselines none --policies "$(half "$ORDERED" 1)" --rows "$ROWS" --share-prefill --json > /dev/null
   wait
 }
 

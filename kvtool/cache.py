@@ -64,6 +64,29 @@ def retrieval_heads(policy: Policy, profile, dims: Dims) -> torch.Tensor:
     return profile[key].bool()
 
 
+def share_prefill_refusal(policy: Policy) -> str | None:
+    """Why a cache of `policy` cannot share its prompt's prefill with other caches (None: it can, on a model without
+    sliding-window layers; `CompressedCache.share_refusal` checks the built cache). A pure function of the policy, so
+    `kvtool bench --share-prefill` can group specs before running them.
+
+    Up to the end of the prompt a `select=snapkv++|snapkv` cache with `heads=all` holds every token of every head in
+    16 bits, in one SnapKV store per layer, and records the last `obs` queries: its state is the same whatever its
+    budget, obs window (a longer recorded window holds every shorter one), kernel, pool, stage 2 (`read`, `page`,
+    `rdims`: page summaries are rebuilt) or quantized body (`k`, `v`, `sink`, `buffer`: made at the selection), and
+    only the storage `dtype` must match. Everything else changes the prefill itself: streaming heads (`heads` other
+    than `all`) and H2O evict as tokens arrive; without `select` the stores quantize, window or project the prompt as
+    it comes."""
+    if policy.select not in ("snapkv++", "snapkv"):
+        what = "no token selection" if policy.select == "off" else f"select={policy.select} evicts as tokens arrive"
+        return f"{what}: only select=snapkv++ / snapkv hold every prompt token until the prompt ends"
+    if policy.heads != "all":
+        return (f"heads={policy.heads}: streaming heads keep a window that drops tokens during the prefill; only "
+                "heads=all holds every prompt token until the selection")
+    if policy.budget is None:
+        return f"select={policy.select} needs a budget"
+    return None
+
+
 @dataclass
 class HeadGroup:
     """One store of a layer and the KV heads it owns (None: all of them) and their query heads [h·G] (None: all)."""
@@ -449,6 +472,66 @@ class CompressedCache(Cache):
                 if hasattr(s, "lazy"):
                     s.lazy = False
 
+    # ---- a shared prefill (kvtool bench --share-prefill) -----------------------------------------------------------
+    def share_refusal(self) -> str | None:
+        """Why this cache cannot share a prefill (see `share_prefill_refusal`): its policy, or a layer that is not one
+        SnapKV store over every head (a model's own sliding-window layer keeps a window of its own)."""
+        reason = share_prefill_refusal(self.policy)
+        if reason:
+            return reason
+        for i, layer in enumerate(self.layers):
+            if layer.is_sliding or len(layer.groups) != 1 or not isinstance(layer.groups[0].store, SnapKVStore):
+                kinds = ", ".join(type(s).__name__ for s in layer.stores)
+                return f"layer {i} holds {kinds}, not one SnapKV store over every head"
+        return None
+
+    def share_key(self) -> tuple:
+        """Caches with equal keys (and no share_refusal) compute the same prefill: the storage dtype of each layer."""
+        return tuple(str(layer.groups[0].store.dtype) for layer in self.layers)
+
+    def widen_obs(self, others) -> None:
+        """Before a shared prefill: record, per layer, the longest observation window of this cache and `others`,
+        so every cache of the group can adopt the prefill (each keeps the last `obs` queries of its own)."""
+        if self.get_seq_length():
+            raise KvtoolError("widen_obs: the cache has seen tokens already; call it before the prefill")
+        for i, layer in enumerate(self.layers):
+            for s in layer.stores:
+                s.obs = max([s.obs] + [o.layers[i].stores[0].obs for o in others])
+
+    def adopt_prefill(self, other: "CompressedCache") -> None:
+        """Take over the prompt state of `other`, prefilled with `prefill(..., finish=False)` and not yet selected, so
+        that this fresh cache (another policy of the same group) then selects with `finish_prefill()` exactly as if it
+        had run the prefill itself: every token's keys, values and positions, the recorded observation queries, the
+        layers' token counts. Refused in one line (nothing changed) when it would not be exact: a cache that is not
+        shareable (`share_refusal`), a different model structure or storage dtype, a fresh cache that has seen
+        tokens, a source that selected already, or an obs window longer than the source recorded (`widen_obs`)."""
+        if not isinstance(other, CompressedCache):
+            raise KvtoolError(f"adopt_prefill needs a CompressedCache (got {type(other).__name__})")
+        for who, cache in (("this cache", self), ("the source", other)):
+            reason = cache.share_refusal()
+            if reason:
+                raise KvtoolError(f"cannot share a prefill with {who} ({cache.policy}): {reason}")
+        if self.dims != other.dims:
+            raise KvtoolError(f"cannot adopt a prefill of another model structure ({other.dims} vs {self.dims})")
+        if self.share_key() != other.share_key():
+            raise KvtoolError(f"cannot adopt a prefill stored as {other.share_key()[0]}: this cache stores "
+                              f"{self.share_key()[0]}")
+        if len({layer.seen for layer in other.layers}) != 1:
+            raise KvtoolError("cannot adopt a prefill whose layers saw different numbers of tokens")
+        for i, (mine, theirs) in enumerate(zip(self.layers, other.layers)):
+            if mine.seen:
+                raise KvtoolError("cannot adopt a prefill into a cache that has seen tokens (reset it first)")
+            if theirs.pending is not None:
+                raise KvtoolError("cannot adopt a prefill in the middle of a forward")
+            reason = mine.groups[0].store.adopt_refusal(theirs.groups[0].store)
+            if reason:
+                raise KvtoolError(f"cannot adopt this prefill (layer {i}): {reason}")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.groups[0].store.adopt(theirs.groups[0].store)
+            mine.seen, mine.uncropped, mine.pending = theirs.seen, theirs.uncropped, None
+            if theirs.is_initialized:
+                mine.dtype, mine.device, mine.is_initialized = theirs.dtype, theirs.device, True
+
     def finish_prefill(self) -> None:
         """The prompt ended: stores that select tokens from it (SnapKV) select now. kvtool's `prefill` calls this
         after its last chunk; tokens that come later (decode steps, a question after compression) are kept."""
@@ -512,10 +595,11 @@ def with_cache(model, cache) -> dict:
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, cache: Cache, chunk: int = 512) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, cache: Cache, chunk: int = 512, finish: bool = True) -> torch.Tensor:
     """Run a prompt [B, T] through the model in chunks (with a CompressedCache the full 16-bit cache never exists at
     once; any other cache works too); returns the last position's logits [B, V]. Then `cache.finish_prefill()`
-    where the cache has one (token selection at the end of the prompt, kvtool/stores/snapkv.py)."""
+    where the cache has one (token selection at the end of the prompt, kvtool/stores/snapkv.py); `finish=False`
+    leaves the prompt open (a shared prefill that other caches adopt: `CompressedCache.adopt_prefill`)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise KvtoolError(f"prefill needs input_ids of shape [batch, tokens] with at least one token "
                           f"(got shape {list(input_ids.shape)})")
@@ -528,7 +612,7 @@ def prefill(model, input_ids: torch.Tensor, cache: Cache, chunk: int = 512) -> t
         piece = input_ids[:, start:start + chunk]
         out = model(input_ids=piece, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-    finish = getattr(cache, "finish_prefill", None)
-    if finish is not None:                                               # the prompt ended: SnapKV selects
-        finish()
+    done = getattr(cache, "finish_prefill", None)
+    if finish and done is not None:                                      # the prompt ended: SnapKV selects
+        done()
     return logits

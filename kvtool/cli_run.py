@@ -148,40 +148,80 @@ def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed
 
 def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
                decode_steps: int = 16, text: str | None = None, rows: Optional[Path] = None,
-               setup: Optional[dict] = None, query: str = "inside") -> list:
+               setup: Optional[dict] = None, query: str = "inside", share: bool = False) -> list:
     """Each spec on the same samples, in order. With `rows`, a spec whose row the file already holds for the same
     `setup` is read back instead of run (the file is re-read before each spec, so processes sharing it split the
-    work), and each new row is appended as soon as it is done."""
+    work), and each new row is appended as soon as it is done. With `share` (bench --share-prefill), the specs that
+    can share a prefill (kvtool.shared_prefill.share_plan) run as one group, sample by sample, from one prefill per
+    sample, when the group's first spec comes; their rows are appended when the group is done; the others run as
+    without it. The results are the same either way (tests/test_share_prefill.py)."""
     from kvtool.baselines import make_cache
-    from kvtool.evaluate import run_nll, run_passkey
 
     for spec in specs:               # build every cache once first: one the model cannot take fails before any run
         make_cache(mdl, prof, spec, backend)
-    results = []
+    if share:
+        from kvtool.shared_prefill import share_plan
+
+        groups = share_plan(mdl, prof, specs, backend)
+    else:
+        groups = [[i] for i in range(len(specs))]
+    results: list = [None] * len(specs)
     with _progress() as bar:
         job = bar.add_task(f"{task}", total=len(specs), info="")
-        for spec in specs:
-            bar.update(job, info=shown(spec))
-            saved = read_rows(rows, setup).get(spec) if rows is not None else None
-            if saved is not None:
-                results.append(saved)
-            elif task == "passkey":
-                results.append(run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query))
-            elif task in TASKS and TASKS[task].kind == "generate":
-                from kvtool.tasks import run_generate
+        for group in groups:
+            saved = read_rows(rows, setup) if rows is not None else {}
+            todo = []
+            for i in group:
+                if specs[i] in saved:
+                    results[i] = saved[specs[i]]
+                    bar.advance(job)
+                else:
+                    todo.append(i)
+            if len(todo) > 1:
+                from kvtool.shared_prefill import run_group
 
-                results.append(run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend))
-            else:
-                results.append(run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend,
-                                       decode_steps=decode_steps))
-                results[-1].task = task
-            results[-1].text = text
-            if rows is not None and saved is None:
-                append_row(rows, setup, results[-1])
-            bar.advance(job)
+                bar.update(job, info=shown(f"{len(todo)} caches sharing a prefill: {'; '.join(specs[i] for i in todo)}"))
+                got = run_group(mdl, tok, task, samples, [specs[i] for i in todo], prof, chunk=chunk,
+                                backend=backend, query=query, decode_steps=decode_steps)
+                now = read_rows(rows, setup) if rows is not None else {}
+                for i, result in zip(todo, got):
+                    result.text = text
+                    results[i] = result
+                    if rows is not None and specs[i] not in now:      # another process may have made it meanwhile
+                        append_row(rows, setup, result)
+                bar.advance(job, len(todo))
+            elif todo:
+                (i,) = todo
+                bar.update(job, info=shown(specs[i]))
+                results[i] = _run_one(mdl, tok, prof, task, samples, specs[i], chunk, backend, decode_steps, query)
+                results[i].text = text
+                if rows is not None:
+                    append_row(rows, setup, results[i])
+                bar.advance(job)
     return results
 
 
+def _run_one(mdl, tok, prof, task: str, samples, spec: str, chunk: int, backend: str, decode_steps: int,
+             query: str):
+    """One spec on the samples (its own prefill per sample)."""
+    from kvtool.evaluate import run_nll, run_passkey
+
+    if task == "passkey":
+        return run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query)
+    if task in TASKS and TASKS[task].kind == "generate":
+        from kvtool.tasks import run_generate
+
+        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend)
+    result = run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend, decode_steps=decode_steps)
+    result.task = task
+    return result
+
+
+SHARE_HELP = ("Run the caches that hold the same state until the prompt ends (select=snapkv++ / snapkv with "
+              "heads=all, same dtype) from one prefill per sample: each adopts it, then selects and decodes on its "
+              "own, with the same results as without the flag. The others run as usual. Their rows say "
+              "shared_prefill and count the shared prefill's time in full (prefill tok/s, seconds); they are "
+              "appended to --rows when the whole group is done.")
 ROWS_HELP = ("Append each cache's row to this JSON-lines file as soon as it is done, with the run's setup (task, text, "
              "samples, seed, model, profile hash); a later run with the same setup reads the rows it finds there "
              "instead of re-running them. A long sweep survives an interruption, and two processes given the same "
@@ -218,7 +258,10 @@ def append_row(path: Path, setup: dict, result) -> None:
     import dataclasses
     import os
 
-    line = json.dumps({"setup": setup, "result": dataclasses.asdict(result)}) + "\n"
+    item = dataclasses.asdict(result)
+    if not item.get("shared_prefill"):
+        item.pop("shared_prefill", None)     # a row that shared nothing reads as before (older kvtool reads it too)
+    line = json.dumps({"setup": setup, "result": item}) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
@@ -245,7 +288,7 @@ def _vs_full(rows: list[dict]) -> list[dict]:
     for r in rows:
         row = {}
         for k, v in r.items():
-            if k in ("task", "samples", "text", "hits", "sample_nll", "query"):
+            if k in ("task", "samples", "text", "hits", "sample_nll", "query", "shared_prefill"):
                 continue
             row[SHORT.get(k, k)] = v
             if k == "nll" and full is not None and "nll" in full:
@@ -273,6 +316,10 @@ def _print(results, title: str, as_json: bool) -> list[dict]:
         if rows[0].get("query") == "after":
             text += ", question after compression"
         title += f"{text} ({rows[0]['samples']} samples; KV MiB per sample; x smaller = vs a 16-bit full cache)"
+        shared = sum(bool(r.get("shared_prefill")) for r in rows)
+        if shared:
+            title += (f"; {shared} caches shared their prefills (--share-prefill; each counts the shared prefill's "
+                      "time in full)")
         table_rows = _vs_full(rows)
         if _width(table_rows, exclude="cache") + 8 > out.width and any("95% CI" in r for r in table_rows):
             table_rows = [{k: v for k, v in r.items() if k != "95% CI"} for r in table_rows]
@@ -523,6 +570,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     rows_file: Optional[Path] = typer.Option(None, "--rows", help=ROWS_HELP),
     query: str = typer.Option("inside", "--query", help=QUERY_HELP),
+    share_prefill: bool = typer.Option(False, "--share-prefill", help=SHARE_HELP),
 ) -> None:
     """Sweep policies and baselines on the same inputs: accuracy or NLL against KV bytes, speed; table and plot."""
     from kvtool import checks
@@ -576,7 +624,7 @@ def bench(
         setup = _rows_setup(model, prof, task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)
     results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
-                         rows=rows_file, setup=setup, query=query)
+                         rows=rows_file, setup=setup, query=query, share=share_prefill)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

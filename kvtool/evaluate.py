@@ -38,6 +38,8 @@ class TaskResult:
     text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
     read_bytes: float | None = None           # bytes one decode step read from the cache (the last step, mean)
     query: str | None = None                  # passkey: "inside" / "after" (see split_question); None: inside
+    shared_prefill: bool = False              # bench --share-prefill: the prompt's prefill was shared by a group of
+                                              # specs (kvtool.shared_prefill); its time is counted in full here
 
     @property
     def ratio(self) -> float:
@@ -56,6 +58,8 @@ class TaskResult:
             out["text"] = self.text
         if self.query is not None:
             out["query"] = self.query
+        if self.shared_prefill:
+            out["shared_prefill"] = True
         out["kv_MiB"] = round(self.kv_bytes / 2**20, 3)
         if self.read_bytes is not None:
             out["read_MiB"] = round(self.read_bytes / 2**20, 3)
@@ -207,6 +211,27 @@ def greedy(model, cache, logits, steps: int, m: "Meter") -> list[int]:
     return got
 
 
+def passkey_steps(tokenizer, answer: str) -> int:
+    """Greedy tokens a passkey answer gets: its tokens + 4."""
+    return len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
+
+
+def nll_tail(model, cache, last, cont, decode_steps: int, m: "Meter") -> float:
+    """After a context's prefill (last logits [1, V]): teacher-force the continuation cont [N] through the cache, then
+    `decode_steps` timed greedy steps; the summed cross-entropy of the N continuation tokens."""
+    logits = model(input_ids=cont[:-1].view(1, -1), **with_cache(model, cache), use_cache=True).logits[0]
+    logits = torch.cat([last, logits], 0).float()                                       # [N, V]
+    one = float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
+    m.held(cache)
+    token = logits[-1].argmax().view(1, 1)
+    for _ in range(decode_steps):
+        with m.dec:
+            token = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        m.n_dec += 1
+    m.step_read(cache)
+    return one
+
+
 @torch.inference_mode()
 def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto",
                 query: str = "inside") -> TaskResult:
@@ -224,8 +249,7 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
         with m.pre:
             logits = _prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
         m.n_pre += prompt.numel()
-        steps = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + 4
-        got = greedy(model, cache, logits, steps, m)
+        got = greedy(model, cache, logits, passkey_steps(tokenizer, answer), m)
         hits.append(answer in tokenizer.decode(got))
         m.held(cache)
         m.step_read(cache)
@@ -251,19 +275,10 @@ def run_nll(model, samples, spec: str, profile=None, chunk: int = 512, decode_st
             last = prefill(model, context.view(1, -1).to(dev), cache, chunk)          # [1, V]
         m.n_pre += context.numel()
         cont = cont.to(dev)
-        logits = model(input_ids=cont[:-1].view(1, -1), **with_cache(model, cache), use_cache=True).logits[0]
-        logits = torch.cat([last, logits], 0).float()                                       # [N, V]
-        one = float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
+        one = nll_tail(model, cache, last, cont, decode_steps, m)
         total_nll += one
         per.append(one / max(cont.numel(), 1))
         total_tok += cont.numel()
-        m.held(cache)
-        token = logits[-1].argmax().view(1, 1)
-        for _ in range(decode_steps):
-            with m.dec:
-                token = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            m.n_dec += 1
-        m.step_read(cache)
     return m.result(spec, "nll", len(samples), nll=total_nll / max(total_tok, 1), sample_nll=per)
 
 

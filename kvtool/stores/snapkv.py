@@ -139,6 +139,36 @@ class SnapKVStore(TokenStore):
         self.k = self.v = None
         self.body = body
 
+    def adopt_refusal(self, other) -> str | None:
+        """Why this (empty) store cannot take over `other`'s prefill exactly (None: it can; see `adopt`)."""
+        if not isinstance(other, SnapKVStore):
+            return f"the source holds a {other.name} store, not a snapkv one"
+        if len(self) or self.seen or self.selected:
+            return "the adopting cache is not fresh (it has seen tokens)"
+        if not other.holds_every_token() or other.body is not None:
+            return "the source's snapkv store has already selected (call prefill with finish=False)"
+        if other.dtype != self.dtype:
+            return f"the source holds its tokens in {other.dtype}, this store in {self.dtype}"
+        if other.obs < self.obs:
+            return (f"the source recorded the last {other.obs} queries, this store needs {self.obs} (record the "
+                    "largest obs of the group: CompressedCache.widen_obs)")
+        return None
+
+    def adopt(self, other: "SnapKVStore") -> None:
+        """Take over `other`'s state at the end of a prompt it has not selected from yet: every token [B, h, n, D]
+        and its positions, and the last `self.obs` of the queries it recorded (a suffix of its own window, which is at
+        least as long: exactly the window this store would have recorded over the same chunks). Refused (KvtoolError)
+        where that would not be exact (`adopt_refusal`). Then `finish_prefill` selects with this store's own budget,
+        obs, kernel, pool, per-group or per-head choice, and body."""
+        reason = self.adopt_refusal(other)
+        if reason:
+            raise KvtoolError(f"cannot adopt this prefill: {reason}")
+        self._adopt_tokens(other)
+        if other.obs_q is not None:
+            self.obs_q = other.obs_q[:, :, -self.obs:].clone()         # [B, h·G, ≤obs, D]
+            self.obs_pos = other.obs_pos[-self.obs:].clone()            # [≤obs]
+        self.scaling, self.multi, self.lazy = other.scaling, other.multi, other.lazy
+
     def before_attend(self, q, qpos, scaling, new) -> None:
         if self.selected:
             return

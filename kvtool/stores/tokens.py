@@ -148,6 +148,24 @@ class TokenStore(Store):
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.pos, self.pmin, self.pmax) if t is not None]
 
+    # ---- a shared prefill (kvtool bench --share-prefill) -----------------------------------------------------------
+    def holds_every_token(self) -> bool:
+        """True before any selection or drop: positions 0..seen-1 on every head, one copy per KV head."""
+        return not self.selected and not self.per_query and self.selected_at == 0 and len(self) == self.seen
+
+    def _adopt_tokens(self, other: "TokenStore") -> None:
+        """Copy another store's held tokens (every token of its prompt so far; the caller checks) into this empty
+        store: k, v [B, h, n, D], pos [B, h, n], seen, group; the stage-2 page summaries are rebuilt from the keys
+        (min/max are exact, so they equal those kept incrementally as pages filled)."""
+        if other.dtype != self.dtype:
+            raise KvtoolError(f"cannot adopt a prefill held in {other.dtype} by a {self.name} store of {self.dtype}")
+        self.reset()
+        if other.k is not None:
+            self.k, self.v, self.pos = other.k.clone(), other.v.clone(), other.pos.clone()
+        self.seen, self.group = other.seen, other.group
+        if self.read_budget is not None and self.k is not None:
+            self._pages_fill()
+
     def read(self):
         """(k, v, positions [n]) when every head keeps the same positions (before any selection, or a budget that
         kept everything); else refused."""
