@@ -80,9 +80,10 @@ def targets(full, stats, f: float = 0.25) -> str:
     lines = []
     methods = [m for (m, g) in stats if g == f and m != "random"]
     if methods:
-        best = max(methods, key=lambda m: stats[m, f][0])
-        acc = stats[best, f][0]
-        lines.append(f"- best method at {f:g}: `{best}` keeps {acc / base:.0%} of the full cache's accuracy "
+        acc = max(stats[m, f][0] for m in methods)
+        best = ", ".join(f"`{m}`" for m in sorted(methods) if stats[m, f][0] == acc)
+        lines.append(f"- best at {f:g}: {best} keep{'s' if ',' not in best else ''} {acc / base:.0%} of the full "
+                     f"cache's accuracy "
                      f"(target ≥ 95%: {'met' if acc >= 0.95 * base else 'missed'})")
     if ("random", f) in stats:
         acc, _, _, runs = stats["random", f]
@@ -103,19 +104,23 @@ def plot(full, stats, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for m in sorted({m for m, _ in stats}, key=lambda m: (m == "random", m)):
+    names = sorted({m for m, _ in stats}, key=lambda m: (m == "random", m))
+    for j, m in enumerate(names):
         fs = sorted(f for mm, f in stats if mm == m)
+        shift = 0.008 * (j - (len(names) - 1) / 2)                     # side by side, so tied methods stay visible
         acc = [stats[m, f][0] for f in fs]
         lo = [stats[m, f][0] - stats[m, f][1] for f in fs]
         hi = [stats[m, f][2] - stats[m, f][0] for f in fs]
         label = "random (mean of seeds)" if m == "random" else m
-        ax.errorbar(fs, acc, yerr=[lo, hi], marker="o", capsize=3, label=label,
+        ax.errorbar([f + shift for f in fs], acc, yerr=[lo, hi], marker="o", capsize=3, label=label,
                     linestyle="--" if m == "random" else "-", color="grey" if m == "random" else None)
     if full is not None:
         ax.axhline(full.correct / full.samples, color="k", linewidth=1, label="full cache")
-    ax.set_xlabel("fraction of KV heads kept whole (retrieval heads); the rest keep sink 64 + recent 256")
+    ax.set_xlabel("fraction of KV heads kept whole (methods side by side); the rest: sink 64 + recent 256")
     ax.set_ylabel("accuracy (95% bootstrap interval)")
     ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(0, 1)
+    ax.set_xticks([0, 0.1, 0.25, 0.5, 0.75, 1])
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
