@@ -105,6 +105,28 @@ def _specs(lengths, depths) -> list[tuple[int, float]]:
     return [(int(n), float(d)) for n in lengths for d in depths]
 
 
+def _line_samples(tokenizer, lengths, depths, seed: int, text: str, cue: int, draw) -> list:
+    """(prompt [T], answer ids, answer text) per (length, depth): a line of units (draw(rng) -> [ids of each unit])
+    between two newlines at `depth` of the haystack; the prompt ends with a newline and the first `cue` units, the
+    answer is the rest. The line generator of `copy` and `copy-digits`."""
+    nl = _encode(tokenizer, "\n")
+    need = max((n for n, _ in _specs(lengths, depths)), default=1)
+    hay = _haystack(tokenizer, text, need)
+    out = []
+    for i, (length, depth) in enumerate(_specs(lengths, depths)):
+        rng = _rng(seed, i)
+        units = draw(rng)
+        line = [t for u in units for t in u]
+        tail = nl + [t for u in units[:cue] for t in u]
+        n = length - len(_bos(tokenizer)) - (len(line) + 2 * len(nl)) - len(tail)
+        _, window = _window(hay, n, rng, text)
+        cut = int(depth * n)
+        ids = _bos(tokenizer) + window[:cut] + nl + line + nl + window[cut:] + tail
+        answer = [t for u in units[cue:] for t in u]
+        out.append((torch.tensor(ids, dtype=torch.int64), answer, tokenizer.decode(answer)))   # prompt: [T]
+    return out
+
+
 def copy_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME, span: int = SPAN_WORDS,
                  cue: int = CUE_WORDS):
     """copy: (prompt [T], answer ids, answer text) per (length, depth). The span is `span` random one-token words
@@ -113,21 +135,8 @@ def copy_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_N
         raise KvtoolError(f"copy: the cue ({cue} words) must be shorter than the span ({span} words)")
     check_text_source(text, passkey=True, flag="copy haystack")
     pool = _word_pool(tokenizer)
-    nl = _encode(tokenizer, "\n")
-    need = max((n for n, _ in _specs(lengths, depths)), default=1)
-    hay = _haystack(tokenizer, text, need)
-    out = []
-    for i, (length, depth) in enumerate(_specs(lengths, depths)):
-        rng = _rng(seed, i)
-        words = [pool[j][0] for j in rng.choice(len(pool), span, replace=False)]
-        tail = nl + words[:cue]
-        n = length - len(_bos(tokenizer)) - (len(words) + 2 * len(nl)) - len(tail)
-        _, window = _window(hay, n, rng, text)
-        cut = int(depth * n)
-        ids = _bos(tokenizer) + window[:cut] + nl + words + nl + window[cut:] + tail
-        answer = words[cue:]
-        out.append((torch.tensor(ids, dtype=torch.int64), answer, tokenizer.decode(answer)))   # prompt: [T]
-    return out
+    return _line_samples(tokenizer, lengths, depths, seed, text, cue,
+                         lambda rng: [[pool[j][0]] for j in rng.choice(len(pool), span, replace=False)])
 
 
 def copy_digits_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME,
@@ -138,23 +147,12 @@ def copy_digits_samples(tokenizer, lengths, depths, seed: int = 0, text: str = F
     if not 1 <= cue < groups:
         raise KvtoolError(f"copy-digits: the cue ({cue} groups) must be shorter than the line ({groups} groups)")
     check_text_source(text, passkey=True, flag="copy-digits haystack")
-    nl = _encode(tokenizer, "\n")
-    need = max((n for n, _ in _specs(lengths, depths)), default=1)
-    hay = _haystack(tokenizer, text, need)
-    out = []
-    for i, (length, depth) in enumerate(_specs(lengths, depths)):
-        rng = _rng(seed, i)
-        parts = [" " * (g > 0) + "".join(str(int(d)) for d in rng.integers(0, 10, 4)) for g in range(groups)]
-        ids_of = [_encode(tokenizer, p) for p in parts]
-        line = [t for g in ids_of for t in g]
-        tail = nl + [t for g in ids_of[:cue] for t in g]
-        n = length - len(_bos(tokenizer)) - (len(line) + 2 * len(nl)) - len(tail)
-        _, window = _window(hay, n, rng, text)
-        cut = int(depth * n)
-        ids = _bos(tokenizer) + window[:cut] + nl + line + nl + window[cut:] + tail
-        answer = [t for g in ids_of[cue:] for t in g]
-        out.append((torch.tensor(ids, dtype=torch.int64), answer, "".join(parts[cue:])))        # prompt: [T]
-    return out
+
+    def draw(rng):
+        return [_encode(tokenizer, " " * (g > 0) + "".join(str(int(d)) for d in rng.integers(0, 10, 4)))
+                for g in range(groups)]
+
+    return _line_samples(tokenizer, lengths, depths, seed, text, cue, draw)
 
 
 def lookup_samples(tokenizer, lengths, depths, seed: int = 0, text: str = "stdlib", keys: int = LOOKUP_KEYS):
