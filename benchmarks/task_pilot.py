@@ -1,6 +1,7 @@
 """Look at a kvtool.tasks generation task on the full cache: each sample's greedy continuation next to its answer, and
 where it first goes wrong (for designing a task on pilot seeds; `kvtool bench --task` gives only hit or miss).
-The same prefill as `kvtool bench` (a DynamicCache, chunks of 512, kvtool.cache.prefill), one torch thread.
+The same cache, prefill and greedy decoding as `kvtool bench`'s full cache (kvtool.baselines.make_cache("full"),
+kvtool.cache.prefill in chunks of 512, kvtool.evaluate.greedy), one torch thread.
 
     python benchmarks/task_pilot.py copy-digits --seed 115 [--lengths 1024,2048,3072,4096] [--index 0,5,32]
 """
@@ -23,11 +24,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from transformers import DynamicCache
-
     from kvtool import tasks
+    from kvtool.baselines import make_cache
     from kvtool.cache import prefill
-    from kvtool.evaluate import default_depths
+    from kvtool.evaluate import Meter, default_depths, greedy
     from kvtool.models import load_model
 
     model, tok = load_model()
@@ -37,17 +37,14 @@ def main() -> None:
     data = tasks.samples(args.task, tok, [int(n) for n in args.lengths.split(",")], default_depths(args.depths),
                          args.seed, args.text)
     picked = range(len(data)) if args.index is None else [int(i) for i in args.index.split(",")]
+    meter = Meter(make_cache(model, None, "full"))
     hits = 0
     with torch.inference_mode():
         for i in picked:
             prompt, answer_ids, answer = data[i]
-            cache = DynamicCache(config=model.config)
+            cache = meter.handle.fresh()
             logits = prefill(model, prompt.view(1, -1), cache, 512)                     # [1, V]
-            got = []
-            for _ in range(len(answer_ids) + 4):
-                token = logits.argmax(-1)
-                got.append(int(token))
-                logits = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1]
+            got = greedy(model, cache, logits, len(answer_ids) + tasks._SPARE, meter)
             ok = tasks.correct(task, got, list(answer_ids), answer, tok)
             want = list(answer_ids)
             first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
