@@ -185,6 +185,7 @@ class DuoState:
         self.gates, self.dims, self.sink, self.recent, self.full_branch = gates, dims, sink, recent, full_branch
         self.mode = "teacher"
         self.capped = None                  # exact soft-capped attention (kvtool.trace.capped_attention), set by duo
+        self.native = "sdpa"                # the model's own attention implementation, set by duo
         self.teacher: dict[int, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
 

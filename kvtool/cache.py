@@ -19,8 +19,6 @@ is refused). For generate's strategies the layers implement transformers' batch 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvtool import sections
 from kvtool.attention import KVTOOL_ATTENTION, kvtool_attention, kvtool_mask, use_kvtool_attention  # noqa: F401
 from kvtool.errors import KvtoolError
+from kvtool.models import with_cache  # noqa: F401  (re-exported: kvtool.cache.with_cache)
 from kvtool.policy import Policy
 from kvtool.lowrank_setup import lowrank_formats
 from kvtool.quant_setup import quant_formats
@@ -582,16 +581,6 @@ def _profile_method(profile) -> str | None:
     return heads if heads not in ("all", "none", "random") else None
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_arg(forward_owner: type) -> str:
-    params = inspect.signature(forward_owner.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def with_cache(model, cache) -> dict:
-    """The keyword that hands `cache` to `model(...)` / `model.generate(...)`: `cache=` where the installed
-    transformers names it so (5.24 warns that `past_key_values=` is deprecated), else `past_key_values=`."""
-    return {_cache_arg(type(model)): cache}
 
 
 @torch.inference_mode()

@@ -297,6 +297,8 @@ def calibrate(
     future: Optional[int] = typer.Option(None, "--future", help=f"Oracle query tokens per sample {_METHOD}."),
     train_sink: Optional[int] = typer.Option(None, "--train-sink", help=f"Training sink tokens {_METHOD}."),
     train_recent: Optional[int] = typer.Option(None, "--train-recent", help=f"Training recent tokens {_METHOD}."),
+    student: Optional[str] = typer.Option(None, "--student", help=f"Which positions train gated {_METHOD}."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate {_METHOD}."),
     min_len: Optional[int] = typer.Option(None, "--min-len", help=f"Shortest training sample {_METHOD}."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help=f"Longest training sample {_METHOD}."),
     signals: Optional[str] = typer.Option(None, "--signals", help=f"Signals to combine {_METHOD}."),
@@ -325,6 +327,7 @@ def calibrate(
              "--resume": resume or None, "--clip": clip, "--max-group": max_group, "--per": per, "--groups": groups,
              "--ridge": ridge, "--heldout": heldout, "--windows": windows, "--kernels": kernels, "--budget": budget,
              "--future": future, "--train-sink": train_sink, "--train-recent": train_recent,
+             "--student": student, "--lr": lr,
              "--min-len": min_len, "--max-len": max_len, "--signals": signals}
     given = {flag: value for flag, value in given.items() if value is not None}
     options, runner = method_options(method, given, fraction)                 # unknown method, bad values: refused

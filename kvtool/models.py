@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -435,3 +437,15 @@ def _tree_size(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands `cache` to `model(...)` / `model.generate(...)`: `cache=` where the installed
+    transformers names it so (5.24 warns that `past_key_values=` is deprecated), else `past_key_values=`."""
+    return {_cache_arg(type(model)): cache}

@@ -189,3 +189,48 @@ def test_unknown_training_task_is_refused():
         Duo(**SMALL, data="copy,sort")
     assert Duo.from_preset("deploy").train_sink == Duo.deploy_sink and \
         Duo.from_preset("deploy").train_recent == Duo.deploy_recent
+
+
+def test_tail_student_matches_the_whole_pass_where_it_must(model, tok, monkeypatch):
+    """student="tail": the teacher's target over the prefilled cache equals the one-pass teacher at the supervised
+    positions; with every gate open the student equals it too (loss 0); with the gates closed it differs, and the
+    gradient reaches the gates."""
+    duo = Duo(**{**SMALL, "data": "copy,lookup", "min_len": 160, "max_len": 200, "student": "tail"})
+    sample = duo.sample(tok, duo.grid(model), 0)
+    ids, pos = sample.input_ids.view(1, -1), duo.supervised(sample)
+    assert pos.numel() > 1 and int(pos.min()) > duo.train_sink + duo.train_recent
+    with torch.no_grad():
+        whole = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, pos]      # [P, d]
+    seen = []
+    real = torch.nn.functional.mse_loss
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda a, b: seen.append((a, b)) or real(a, b))
+    dims = Dims.of(model)
+    state = _DuoState(torch.ones(dims.layers, dims.kv_heads), dims, duo.train_sink, duo.train_recent, duo.full_branch)
+    with _duo_attention(model, state), torch.no_grad():
+        loss, _ = duo._step(model, state, sample)
+    student, target = seen[-1]
+    torch.testing.assert_close(target, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student, whole, rtol=1e-4, atol=1e-5)
+    assert loss.item() < 1e-8
+    gates = torch.zeros(dims.layers, dims.kv_heads, requires_grad=True)
+    state = _DuoState(gates, dims, duo.train_sink, duo.train_recent, duo.full_branch)
+    with _duo_attention(model, state):
+        loss, _ = duo._step(model, state, sample)
+        loss.backward()
+    assert loss.item() > 1e-6 and gates.grad.abs().sum() > 0
+    torch.testing.assert_close(seen[-1][1], whole, rtol=1e-4, atol=1e-5)        # the target never sees the gates
+
+
+def test_tail_student_trains_and_is_refused_where_it_cannot_work(model, tok):
+    duo = Duo(**{**SMALL, "data": "copy,lookup", "min_len": 160, "max_len": 200, "steps": 10, "lr": 0.05,
+                 "student": "tail"})
+    gates = duo.run(model, tok).tensors["gate"]
+    assert (gates < 1).any() and (gates >= 0).all()
+    assert objective(duo, model, tok, gates) < objective(duo, model, tok, torch.ones(2, 2))
+    with pytest.raises(KvtoolError, match="student must be one of"):
+        Duo(student="some")
+    with pytest.raises(KvtoolError, match="lr and lr_min must be > 0"):
+        Duo(lr=0.0)
+    cpu = Duo.from_preset("cpu-deploy")
+    assert (cpu.student, cpu.train_sink, cpu.train_recent) == ("tail", Duo.deploy_sink, Duo.deploy_recent)
+    assert cpu.min_len <= 1024 and cpu.max_len >= 4096 and "copy-digits" in cpu.data
