@@ -224,16 +224,26 @@ SHARE_HELP = ("Run the caches that hold the same state until the prompt ends (se
               "appended to --rows when the whole group is done.")
 ROWS_HELP = ("Append each cache's row to this JSON-lines file as soon as it is done, with the run's setup (task, text, "
              "samples, seed, model, profile hash); a later run with the same setup reads the rows it finds there "
-             "instead of re-running them. A long sweep survives an interruption, and two processes given the same "
-             "file share the work. Speeds are those of the run that made the row.")
+             "instead of re-running them (the full cache's row, which reads no profile, for any profile). A long sweep "
+             "survives an interruption, and two processes given the same file share the work. Speeds are those of the run that made the row.")
+
+
+PROFILE_FREE = ("full",)        # specs whose cache reads nothing of the profile: their rows hold for any profile
+_PROFILE_KEYS = ("profile_tensors_sha256", "profile_method", "profile_sha256")
+
+
+def _without_profile(setup: dict) -> dict:
+    return {k: v for k, v in setup.items() if k not in _PROFILE_KEYS}
 
 
 def read_rows(path: Path, setup: dict) -> dict:
-    """spec -> TaskResult of the rows in `path` made under `setup` (the first of each spec). A missing file holds none;
-    a line that is not a row refuses the file."""
+    """spec -> TaskResult of the rows in `path` made under `setup` (the first of each spec). The full cache (a
+    DynamicCache, `PROFILE_FREE`) reads nothing of the profile, so its row is also taken from a setup that differs
+    only in the profile; a row of the exact setup comes first. A missing file holds none; a line that is not a row
+    refuses the file."""
     from kvtool.evaluate import TaskResult
 
-    found = {}
+    found, loose = {}, {}
     if not path.exists():
         return found
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -250,7 +260,9 @@ def read_rows(path: Path, setup: dict) -> dict:
                               "give another file")
         if item["setup"] == setup:
             found.setdefault(result.spec, result)
-    return found
+        elif result.spec in PROFILE_FREE and _without_profile(item["setup"]) == _without_profile(setup):
+            loose.setdefault(result.spec, result)
+    return {**loose, **found}
 
 
 def append_row(path: Path, setup: dict, result) -> None:

@@ -226,6 +226,12 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
     other = tmp_path / "other.kv.st"
     save_file(tensors, str(other), metadata=meta)
     assert rows_fingerprint(other)["profile_tensors_sha256"] != rows_fingerprint(prof)["profile_tensors_sha256"]
+    # another profile: the full cache (a DynamicCache, no profile read) is read back, a kvtool policy runs again
+    del ran[:]
+    code, out, err = run(capsys, "bench", model, "--profile", other, *nll, "--policies", "heads=all")
+    assert code == 0, err
+    assert ran == ["heads=all"] and len(rows.read_text().splitlines()) == 6
+    assert json.loads(out)[0] == first[0]
     bad = tmp_path / "notes.jsonl"
     bad.write_text("hello\n")
     code, _, err = run(capsys, "bench", model, "--profile", prof, *nll[:-1], bad, "--policies", "heads=all")
