@@ -105,7 +105,7 @@ class Duo:
         if self.steps < 1 or self.lengths < 1 or self.passkeys < 1 or self.words < 1:
             raise KvtoolError("duo steps, lengths, passkeys and words must be at least 1")
         self._tasks()
-        if not (self.lr > 0 and self.lr_min > 0 and 0 <= self.ramp <= 0.5):
+        if not (0 < self.lr < float("inf") and 0 < self.lr_min < float("inf") and 0 <= self.ramp <= 0.5):
             raise KvtoolError(f"duo lr and lr_min must be > 0 and ramp in [0, 0.5] (got {self.lr}, {self.lr_min}, "
                               f"{self.ramp})")
         if self.checkpoint_every < 1:
@@ -242,21 +242,22 @@ class Duo:
         pos = self.supervised(sample)
         decoder = model.get_decoder()
         if self.student == "tail":
-            return self._tail_step(decoder, state, ids, pos)
-        state.mode = "teacher"
-        with torch.no_grad():
-            target = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, pos]   # [P, d]
-        state.mode = "student"
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, pos]
+            hidden, target = self._tail_states(decoder, state, ids, pos)
+        else:
+            state.mode = "teacher"
+            with torch.no_grad():
+                target = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, pos]   # [P, d]
+            state.mode = "student"
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, pos]
         state.teacher.clear()
         loss = torch.nn.functional.mse_loss(hidden, target)
         reg = state.gates.abs().mean() if self.l1 == "mean" else state.gates.abs().sum()
         return loss, reg
 
-    def _tail_step(self, decoder, state: "_DuoState", ids: torch.Tensor, pos: torch.Tensor):
+    def _tail_states(self, decoder, state: "_DuoState", ids: torch.Tensor, pos: torch.Tensor):
         """`student="tail"`: the teacher prefills ids[:, :q0] (q0 = the first supervised position) into a cache once;
         the span ids[:, q0:] then runs over a copy of that cache as the teacher (target) and over the cache itself
-        as the gated student. ids: [1, T]; pos: [P] supervised positions, all ≥ q0."""
+        as the gated student. ids: [1, T]; pos: [P] supervised positions, all ≥ q0. Returns (student, target) [P, d]."""
         import copy
 
         from transformers import DynamicCache
@@ -280,10 +281,7 @@ class Duo:
         state.mode = "student"
         hidden = decoder(input_ids=ids[:, q0:], **with_cache(decoder, cache),
                          use_cache=True).last_hidden_state[0, pos - q0]
-        state.teacher.clear()
-        loss = torch.nn.functional.mse_loss(hidden, target)
-        reg = state.gates.abs().mean() if self.l1 == "mean" else state.gates.abs().sum()
-        return loss, reg
+        return hidden, target
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -433,18 +431,6 @@ def _checkpoint_path(value) -> str:
     return str(value)
 
 
-def _positive(flag: str):
-    def check(value) -> float:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            v = float("nan")
-        if not v > 0 or v == float("inf"):
-            raise KvtoolError(f"{flag} must be a positive number (got {value})")
-        return v
-    return check
-
-
 def default_preset() -> str:
     """'paper' with a GPU, else 'cpu'."""
     return "paper" if torch.cuda.is_available() else "cpu"
@@ -494,8 +480,7 @@ Duo.contract = C.Contract(
              C.Option("student", "--student", "all (paper: every position runs the gated attention) or tail (only "
                       "the supervised span, over the teacher's prefill of the context: one forward a step)",
                       parse=str, default="the preset's"),
-             C.Option("lr", "--lr", "peak learning rate of the gates", check=_positive("--lr"),
-                      default="the preset's"),
+             C.Option("lr", "--lr", "peak learning rate of the gates", default="the preset's"),
              C.Option("min_len", "--min-len", "shortest training sample (tokens)",
                       check=C.at_least("--min-len", 2), default="the preset's"),
              C.Option("max_len", "--max-len", "longest training sample (tokens; default the model's context)",
