@@ -55,7 +55,7 @@ def _load(model: Optional[str], profile: Optional[Path], dtype: str, need_profil
     return mdl, tok, prof
 
 
-QUERY_HELP = ("passkey: where the question is. inside: part of the prompt (what SnapKV and RocketKV are evaluated "
+QUERY_HELP = ("passkey, passkey-chat: where the question is. inside: part of the prompt (what SnapKV and RocketKV are evaluated "
               "on: the observation window sees it); after: the context is prefilled and compressed first, then the "
               "question is appended (multi-turn reuse, SCBench arXiv 2412.10319). Same samples either way.")
 
@@ -63,8 +63,8 @@ QUERY_HELP = ("passkey: where the question is. inside: part of the prompt (what 
 def _check_query(query: str, task: Optional[str]) -> None:
     if query not in ("inside", "after"):
         raise KvtoolError(f"--query {query!r}: give inside or after")
-    if query == "after" and task != "passkey":
-        raise KvtoolError("--query after applies to --task passkey")
+    if query == "after" and task != "passkey" and (task not in TASKS or TASKS[task].question is None):
+        raise KvtoolError("--query after applies to --task passkey and passkey-chat")
 
 
 TEXT_HELP = ("--task: the text it reads. nll: where the windows are cut; passkey: the haystack around the key. "
@@ -211,7 +211,7 @@ def _run_one(mdl, tok, prof, task: str, samples, spec: str, chunk: int, backend:
     if task in TASKS and TASKS[task].kind == "generate":
         from kvtool.tasks import run_generate
 
-        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend)
+        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend, query=query)
     result = run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend, decode_steps=decode_steps)
     result.task = task
     return result

@@ -37,7 +37,7 @@ class TaskResult:
     sample_nll: list[float] = field(default_factory=list)   # nll: each sample's mean over its continuation tokens
     text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
     read_bytes: float | None = None           # bytes one decode step read from the cache (the last step, mean)
-    query: str | None = None                  # passkey: "inside" / "after" (see split_question); None: inside
+    query: str | None = None                  # passkey(-chat): "inside" / "after" (split_question); None: inside
     shared_prefill: bool = False              # bench --share-prefill: the prompt's prefill was shared by a group of
                                               # specs (kvtool.shared_prefill); its time is counted in full here
 
@@ -173,25 +173,30 @@ def _device(model):
 QUERIES = ("inside", "after")
 
 
-def split_question(tokenizer, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A numeric pass-key prompt [T] → (context, question): the question is the prompt's closing
-    kvtool.data.PASSKEY_QUESTION tokens. For the "after" regime (SCBench, arXiv 2412.10319: the context is compressed
-    first, then the question arrives, as in multi-turn reuse), where query-aware eviction cannot see the question."""
+def split_question(tokenizer, prompt: torch.Tensor, question: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt [T] → (context, question): the question is the prompt's closing `question` ids (default: a numeric
+    pass-key prompt's kvtool.data.PASSKEY_QUESTION; passkey-chat: kvtool.tasks.chat_passkey_question). For the
+    "after" regime (SCBench, arXiv 2412.10319: the context is compressed first, then the question arrives, as in
+    multi-turn reuse), where query-aware eviction cannot see the question."""
     from kvtool.data import PASSKEY_QUESTION, _encode
 
-    q = torch.tensor(_encode(tokenizer, PASSKEY_QUESTION), dtype=prompt.dtype)
+    if question is None:
+        question = _encode(tokenizer, PASSKEY_QUESTION)
+    q = torch.tensor(question, dtype=prompt.dtype)
     if len(q) >= len(prompt) or not torch.equal(prompt[-len(q):].cpu(), q):
-        raise KvtoolError("--query after needs numeric pass-key prompts (they end with the pass-key question)")
+        raise KvtoolError("--query after needs prompts that end with the task's question (numeric pass-key or "
+                          "passkey-chat prompts)")
     return prompt[:-len(q)], prompt[-len(q):]
 
 
-def _prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev):
+def prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev, question: list[int] | None = None):
     """Prefill a prompt under a query regime: "inside", the whole prompt at once (selection sees the question);
-    "after", the context (the cache compresses it: kvtool's prefill ends with finish_prefill), then the question.
-    → the last position's logits [1, V]."""
+    "after", the context (the cache compresses it: kvtool's prefill ends with finish_prefill), then the question
+    (`question`: its ids, see split_question). → the last position's logits [1, V]."""
     if query == "inside":
         return prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
-    context, question = split_question(tokenizer, prompt)
+    context, question = split_question(tokenizer, prompt, question)
     prefill(model, context.view(1, -1).to(dev), cache, chunk)
     return prefill(model, question.view(1, -1).to(dev), cache, chunk)
 
@@ -247,7 +252,7 @@ def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int =
     for prompt, answer in samples:
         cache = m.handle.fresh()
         with m.pre:
-            logits = _prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
+            logits = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
         m.n_pre += prompt.numel()
         got = greedy(model, cache, logits, passkey_steps(tokenizer, answer), m)
         hits.append(answer in tokenizer.decode(got))

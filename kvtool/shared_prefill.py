@@ -5,7 +5,7 @@ A cache qualifies when `kvtool.cache.share_prefill_refusal` finds nothing agains
 `select=snapkv` with `heads=all`: one SnapKV store per layer holding every prompt token in 16 bits until
 `finish_prefill`) and the built cache is one SnapKV store per layer (no sliding-window layers of the model's own,
 `CompressedCache.share_refusal`); qualifying caches with the same storage dtype (`share_key`) form a group. Per
-sample the group's prompt (passkey `--query after`: its context) is prefilled once into a source cache that records
+sample the group's prompt (passkey / passkey-chat `--query after`: its context) is prefilled once into a source cache that records
 the widest observation window of the group (`widen_obs`) and never selects (`prefill(..., finish=False)`); every
 cache of the group then adopts it (`CompressedCache.adopt_prefill`, a copy), selects with its own policy
 (`finish_prefill`) and goes on exactly as `run_passkey` / `run_nll` / `kvtool.tasks.run_generate` do: the question
@@ -74,9 +74,10 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
     elif task == "nll":
         kind = "nll"
     else:
-        from kvtool.tasks import _SPARE, correct, get
+        from kvtool.tasks import _SPARE, correct, get, question_ids
 
         kind = get(task).kind
+    asked = question_ids(task, tokenizer, query) if kind == "generate" else None      # --query after: held back
     if len(specs) < 2:
         raise KvtoolError("a shared prefill needs a group of at least two caches")
     meters = [Meter(make_cache(model, profile, spec, backend)) for spec in specs]
@@ -95,8 +96,8 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
     per: list[list[float]] = [[] for _ in specs]
     for sample in samples:
         prompt, question = sample[0], None
-        if kind == "passkey" and query == "after":
-            prompt, question = split_question(tokenizer, sample[0])
+        if kind in ("passkey", "generate") and query == "after":
+            prompt, question = split_question(tokenizer, sample[0], asked)
         source.reset()
         with Timer() as shared:
             last = prefill(model, prompt.view(1, -1).to(dev), source, chunk, finish=False)   # [1, V]
@@ -136,7 +137,7 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
             r = m.result(spec, task, n, nll=nll[i][0] / max(nll[i][1], 1), sample_nll=per[i])
         else:
             r = m.result(spec, task, n, correct=sum(hits[i]), hits=hits[i],
-                         **({"query": None if query == "inside" else query} if kind == "passkey" else {}))
+                         query=None if query == "inside" else query)
         r.seconds, r.shared_prefill = own[i].seconds, True
         out.append(r)
     return out

@@ -58,6 +58,8 @@ class Task:
     default_text: str                          # the haystack when --text is not given
     exact: bool = False                        # generate: correct = the continuation equals the answer ids
     answer_tokens: int = 16                    # generate: most tokens an answer may take (context-length checks)
+    question: Callable | None = None           # (tokenizer) -> the ids every prompt ends with (the question), for
+                                               # --query after; None: the task has no question to hold back
 
 
 @lru_cache(maxsize=4)
@@ -214,6 +216,12 @@ CHAT_PROMPT = ("There is an important pass key hidden inside a lot of irrelevant
                "{haystack}\n\nWhat is the pass key? Answer with the 5-digit number only.")
 CHAT_ANSWER = "The pass key is"
 
+def chat_passkey_question(tokenizer) -> list[int]:
+    """The ids every passkey-chat prompt ends with: the question after the haystack, the end of the user's turn and
+    the assistant's turn up to "The pass key is" (what `--query after` appends once the context is compressed)."""
+    return _frame(tokenizer, CHAT_PROMPT.format(haystack=_MARK), CHAT_ANSWER)[1]
+
+
 def chat_passkey_samples(tokenizer, lengths, depths, seed: int = 0, text: str = FILLER_NAME):
     """passkey-chat: the classic pass-key prompt as the user's turn of the tokenizer's chat template; the assistant's
     turn starts with "The pass key is". The template is rendered around a marker and the haystack's ids go where the
@@ -273,7 +281,8 @@ TASKS: dict[str, Task] = {
     "lookup": Task("lookup", "generate", lookup_samples, f"the value of one of {LOOKUP_KEYS} key: value lines",
                    "stdlib", answer_tokens=16),
     "passkey-chat": Task("passkey-chat", "generate", chat_passkey_samples,
-                         "the pass key inside the chat template", FILLER_NAME, answer_tokens=16),
+                         "the pass key inside the chat template", FILLER_NAME, answer_tokens=16,
+                         question=chat_passkey_question),
     "nll-repeat": Task("nll-repeat", "nll", repeat_nll_samples,
                        "NLL of the second occurrence of a repeated passage only (long-range NLL)", "stdlib"),
 }
@@ -304,26 +313,39 @@ def correct(task: Task, got: list[int], answer_ids: list[int], answer: str, toke
     return answer in tokenizer.decode(got)
 
 
+def question_ids(task: str, tokenizer, query: str) -> list[int] | None:
+    """The question `--query after` holds back for `task` (None with query "inside"); one line for a task without
+    one."""
+    if query == "inside":
+        return None
+    t = get(task)
+    if t.question is None:
+        raise KvtoolError(f"--query after applies to --task passkey and passkey-chat, not {task}")
+    return t.question(tokenizer)
+
+
 @torch.inference_mode()
 def run_generate(model, tokenizer, samples, spec: str, task: str, profile=None, chunk: int = 512,
-                 backend: str = "auto"):
+                 backend: str = "auto", query: str = "inside"):
     """A generation task under cache `spec`: chunked prefill, then greedy decoding of len(answer)+4 tokens; per-sample
-    hits (TaskResult.hits, so paired bootstrap intervals work) and the accuracy."""
+    hits (TaskResult.hits, so paired bootstrap intervals work) and the accuracy. `query` "after" (tasks with a
+    question): the context is prefilled and compressed first, then the question (kvtool.evaluate.prompt_in)."""
     from kvtool.baselines import make_cache
-    from kvtool.cache import prefill
-    from kvtool.evaluate import Meter, _device, greedy
+    from kvtool.evaluate import Meter, _device, greedy, prompt_in
 
     t = get(task)
+    question = question_ids(task, tokenizer, query)
     m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
     hits = []
     for prompt, answer_ids, answer in samples:
         cache = m.handle.fresh()
         with m.pre:
-            logits = prefill(model, prompt.view(1, -1).to(dev), cache, chunk)          # [1, V]
+            logits = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev, question)   # [1, V]
         m.n_pre += prompt.numel()
         got = greedy(model, cache, logits, len(answer_ids) + _SPARE, m)
         hits.append(correct(t, got, answer_ids, answer, tokenizer))
         m.held(cache)
         m.step_read(cache)
-    return m.result(spec, task, len(samples), correct=sum(hits), hits=hits)
+    return m.result(spec, task, len(samples), correct=sum(hits), hits=hits,
+                    query=None if query == "inside" else query)

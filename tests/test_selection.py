@@ -230,7 +230,7 @@ def test_bench_query_regimes_and_read_bytes(capsys, tiny_with_profile):
         assert sparse["read_MiB"] < sel["read_MiB"]
     assert rows["inside"][0]["hits"] == rows["after"][0]["hits"]          # the full cache cannot tell them apart
     code, _, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--query", "after")
-    assert_one_line_error(code, err, "--query after applies to --task passkey")
+    assert_one_line_error(code, err, "--query after applies to --task passkey and passkey-chat")
 
 
 def test_calibrated_window_and_kernel_are_the_store_defaults(capsys, tiny_with_profile, tmp_path):

@@ -185,7 +185,7 @@ def _same(a, b):
 
 
 def test_bench_share_prefill_gives_the_unshared_results(tiny_with_profile):
-    """passkey (question inside and after), nll and a generation task: the same per-sample hits / NLL, bytes held
+    """passkey (question inside and after), nll, a generation task and passkey-chat with its question after: the same per-sample hits / NLL, bytes held
     and read, with and without sharing; the shared rows say so, the others run alone."""
     from kvtool.cli_run import _samples
     from kvtool.models import load_model
@@ -194,9 +194,11 @@ def test_bench_share_prefill_gives_the_unshared_results(tiny_with_profile):
     model_dir, prof = tiny_with_profile
     model, tok = load_model(str(model_dir))
     p = Profile.load(prof)
-    runs = [("passkey", "inside"), ("passkey", "after"), ("nll", "inside"), ("copy", "inside")]
+    runs = [("passkey", "inside"), ("passkey", "after"), ("nll", "inside"), ("copy", "inside"),
+            ("passkey-chat", "after")]
     for task, query in runs:
-        data = _samples(task, tok, [96], 2, 2, 72, 12, 0, {"nll": "pydoc", "copy": "filler"}.get(task, "filler"))
+        length = 160 if task == "passkey-chat" else 96                 # the chat template's turns take ~60 tokens
+        data = _samples(task, tok, [length], 2, 2, 72, 12, 0, {"nll": "pydoc", "copy": "filler"}.get(task, "filler"))
         alone = _bench(model, tok, p, task, data, False, query)
         shared = _bench(model, tok, p, task, data, True, query)
         for a, b in zip(alone, shared):

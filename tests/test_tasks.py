@@ -84,6 +84,23 @@ def test_passkey_chat_uses_the_template(tok):
     assert text.startswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)[:20])
 
 
+def test_passkey_chat_question_is_held_back_whole(tok):
+    """--query after on passkey-chat: the context ends where the haystack ends; the question (the user's question,
+    the end of the turn and the assistant's "The pass key is") is the prompt's tail, the same for every sample."""
+    from kvtool.evaluate import split_question
+
+    q = tasks.chat_passkey_question(tok)
+    for prompt, _, key in tasks.chat_passkey_samples(tok, [300, 500], [0.3], seed=4):
+        context, question = split_question(tok, prompt, q)
+        assert torch.equal(torch.cat([context, question]), prompt) and question.tolist() == q
+        assert key in tok.decode(context) and "What is the pass key?" not in tok.decode(context)
+        assert tok.decode(question).strip().startswith("What is the pass key?")
+        assert tok.decode(question).endswith("assistant\nThe pass key is")
+    assert tasks.question_ids("passkey-chat", tok, "inside") is None
+    with pytest.raises(KvtoolError, match="not copy-digits"):
+        tasks.question_ids("copy-digits", tok, "after")
+
+
 def test_nll_repeat_scores_only_the_second_occurrence(tok):
     data = tasks.repeat_nll_samples(tok, [300, 500], [0.3], seed=4, span=40, cue=6)
     for (context, cont), length in zip(data, [300, 500]):
@@ -133,6 +150,17 @@ def test_bench_and_run_take_the_new_tasks(capsys, tmp_path):
     rows = json.loads(out)
     assert [r["cache"] for r in rows] == ["full", "heads=none,sink=4,recent=16"]
     assert all(r["task"] == "copy" and len(r["hits"]) == 3 and r["accuracy"].endswith("/3") for r in rows)
+    pols = "select=snapkv++,budget=48,obs=8,kernel=7"
+    rows = {}
+    for query in ("inside", "after"):                       # passkey-chat with its question after the compression
+        code, out, err = run(capsys, "bench", model, "--task", "passkey-chat", "--lengths", "160", "--depths", "2",
+                             "--policies", pols, "--baselines", "none", "--query", query, "--json")
+        assert code == 0, err
+        rows[query] = json.loads(out)
+        assert [r.get("query") for r in rows[query]] == [None if query == "inside" else "after"] * 2
+    assert rows["inside"][0]["hits"] == rows["after"][0]["hits"]       # the full cache cannot tell them apart
+    code, _, err = run(capsys, "bench", model, "--task", "copy-digits", "--query", "after")
+    assert code != 0 and "--query after applies to --task passkey and passkey-chat" in err
     code, out, err = run(capsys, "run", model, "--policy", "heads=none,sink=4,recent=16", "--task", "nll-repeat",
                          "--lengths", "230", "--depths", "2", "--json")
     assert code == 0, err
