@@ -24,12 +24,7 @@ specs() {             # every spec, ';'-separated, in the order they run
   printf '%s' "${out// /}"
 }
 
-part() {              # the specs of "$1" whose index is $2 modulo $3
-  local i=0 out="" s
-  IFS=';' read -ra items <<< "$1"
-  for s in "${items[@]}"; do [ $((i % $3)) -eq "$2" ] && out="$out$s;"; i=$((i + 1)); done
-  printf '%s' "$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/parts.sh"      # part SPECS I N
 
 if [ "${1:-}" = run ]; then
   set -euo pipefail
