@@ -6,9 +6,12 @@ accuracy, resampling the samples; random as the mean of its seeds, the interval 
 every seed, since they share the samples) and the issue's targets at 25%: the best method keeps ≥ 95% of the full
 cache's accuracy, random's mean keeps ≤ 60%, duo is at least as good as the copy score (`retrieval`). `--plot PNG`
 draws accuracy vs the fraction of KV heads kept whole, one line per method with its interval, the full cache as a
-line.
+line. `--extra FILE=LABEL` (repeatable) adds the rankings of another profile measured on the same samples (same task,
+text, seed, lengths, depths; the rows file of a run with that profile), as `<method>@LABEL`, e.g. the gates of
+`--preset cpu-deploy` beside the shipped ones.
 
-    python benchmarks/heads_proof.py docs/bench-rows/issue14-proof-passkey-chat.jsonl [--setup N] [--plot PNG]
+    python benchmarks/heads_proof.py docs/bench-rows/issue14-proof-passkey-chat.jsonl [--setup N] [--plot PNG] \
+        [--extra docs/bench-rows/issue14-duo-cpu-deploy-passkey-chat.jsonl=cpu-deploy]
 """
 
 from __future__ import annotations
@@ -35,14 +38,19 @@ def interval(hits: np.ndarray, rng) -> tuple[float, float]:
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def collect(results) -> tuple[object, dict]:
-    """(the full row, {method: {fraction: [rows]}})."""
+SAME = ("task", "text", "seed", "lengths", "depths", "chunk", "dtype")     # what makes two setups' samples the same
+
+
+def collect(results, grid=None, label: str = "") -> tuple[object, dict]:
+    """(the full row, {method: {fraction: [rows]}}); with `label`, methods are named `<method>@label` (random rows
+    are left out: random does not depend on the profile) and added to `grid`."""
     full = next((r for r in results if r.spec == "full"), None)
-    grid: dict = defaultdict(lambda: defaultdict(list))
+    if grid is None:
+        grid = defaultdict(lambda: defaultdict(list))
     for r in results:
         m = SPEC.match(r.spec)
-        if m and r.hits:
-            grid[m["method"]][float(m["f"])].append(r)
+        if m and r.hits and not (label and m["method"] == "random"):
+            grid[m["method"] + (f"@{label}" if label else "")][float(m["f"])].append(r)
     return full, grid
 
 
@@ -134,12 +142,23 @@ def main() -> None:
     ap.add_argument("rows", type=Path)
     ap.add_argument("--setup", type=int, default=1, help="which setup of the file (from 1, in file order)")
     ap.add_argument("--plot", type=Path, help="write the accuracy-vs-fraction plot here")
+    ap.add_argument("--extra", action="append", default=[], metavar="FILE=LABEL",
+                    help="rows of another profile on the same samples, shown as <method>@LABEL")
     args = ap.parse_args()
     setups = load(args.rows)
     if not 1 <= args.setup <= len(setups):
         raise SystemExit(f"Error: {args.rows} has {len(setups)} setups; --setup {args.setup} is not one of them")
     setup, results = setups[args.setup - 1]
     full, grid = collect(results)
+    for extra in args.extra:
+        path, sep, label = extra.rpartition("=")
+        if not sep or not path or not re.fullmatch(r"[A-Za-z0-9_.-]+", label):
+            raise SystemExit(f"Error: --extra {extra!r}: give FILE=LABEL (label: letters, digits, - _ .)")
+        found = [res for s, res in load(Path(path)) if all(s.get(k) == setup.get(k) for k in SAME)]
+        if not found:
+            raise SystemExit(f"Error: {path} has no rows on the same samples ({', '.join(SAME)}) as {args.rows}")
+        for res in found:
+            collect(res, grid, label)
     table, stats = summary(full, grid, np.random.default_rng(0))
     print(f"<!-- task {setup.get('task')}, text {setup.get('text')}, seed {setup.get('seed')} -->")
     print(table)
