@@ -12,6 +12,7 @@ import typer
 from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
+from kvtool.sweep import read_rows, rows_setup, run_specs, samples_for
 from kvtool.tasks import TASKS
 from kvtool.textsafe import shown
 
@@ -132,91 +133,6 @@ def _limit(mdl) -> Optional[int]:
     return getattr(mdl.config.get_text_config(), "max_position_embeddings", None)
 
 
-def _samples(task: str, tok, lengths, depths, n_nll, context, continuation, seed, text: str):
-    from kvtool.evaluate import default_depths, nll_samples, passkey_grid
-
-    if task == "passkey":
-        return passkey_grid(tok, lengths, default_depths(depths), seed=seed, text=text)
-    if task == "nll":
-        return nll_samples(tok, n_nll, context, continuation, seed=seed, source=text)
-    if task in TASKS:
-        from kvtool.tasks import samples
-
-        return samples(task, tok, lengths, default_depths(depths), seed=seed, text=text)
-    raise KvtoolError(f"unknown task {task!r} (passkey or nll)")
-
-
-def _run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
-               decode_steps: int = 16, text: str | None = None, rows: Optional[Path] = None,
-               setup: Optional[dict] = None, query: str = "inside", share: bool = False) -> list:
-    """Each spec on the same samples, in order. With `rows`, a spec whose row the file already holds for the same
-    `setup` is read back instead of run (the file is re-read before each spec, so processes sharing it split the
-    work), and each new row is appended as soon as it is done. With `share` (bench --share-prefill), the specs that
-    can share a prefill (kvtool.shared_prefill.share_plan) run as one group, sample by sample, from one prefill per
-    sample, when the group's first spec comes; their rows are appended when the group is done; the others run as
-    without it. The results are the same either way (tests/test_share_prefill.py)."""
-    from kvtool.baselines import make_cache
-
-    for spec in specs:               # build every cache once first: one the model cannot take fails before any run
-        make_cache(mdl, prof, spec, backend)
-    if share:
-        from kvtool.shared_prefill import share_plan
-
-        groups = share_plan(mdl, prof, specs, backend)
-    else:
-        groups = [[i] for i in range(len(specs))]
-    results: list = [None] * len(specs)
-    with _progress() as bar:
-        job = bar.add_task(f"{task}", total=len(specs), info="")
-        for group in groups:
-            saved = read_rows(rows, setup) if rows is not None else {}
-            todo = []
-            for i in group:
-                if specs[i] in saved:
-                    results[i] = saved[specs[i]]
-                    bar.advance(job)
-                else:
-                    todo.append(i)
-            if len(todo) > 1:
-                from kvtool.shared_prefill import run_group
-
-                bar.update(job, info=shown(f"{len(todo)} caches sharing a prefill: {'; '.join(specs[i] for i in todo)}"))
-                got = run_group(mdl, tok, task, samples, [specs[i] for i in todo], prof, chunk=chunk,
-                                backend=backend, query=query, decode_steps=decode_steps)
-                now = read_rows(rows, setup) if rows is not None else {}
-                for i, result in zip(todo, got):
-                    result.text = text
-                    results[i] = result
-                    if rows is not None and specs[i] not in now:      # another process may have made it meanwhile
-                        append_row(rows, setup, result)
-                bar.advance(job, len(todo))
-            elif todo:
-                (i,) = todo
-                bar.update(job, info=shown(specs[i]))
-                results[i] = _run_one(mdl, tok, prof, task, samples, specs[i], chunk, backend, decode_steps, query)
-                results[i].text = text
-                if rows is not None:
-                    append_row(rows, setup, results[i])
-                bar.advance(job)
-    return results
-
-
-def _run_one(mdl, tok, prof, task: str, samples, spec: str, chunk: int, backend: str, decode_steps: int,
-             query: str):
-    """One spec on the samples (its own prefill per sample)."""
-    from kvtool.evaluate import run_nll, run_passkey
-
-    if task == "passkey":
-        return run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query)
-    if task in TASKS and TASKS[task].kind == "generate":
-        from kvtool.tasks import run_generate
-
-        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend, query=query)
-    result = run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend, decode_steps=decode_steps)
-    result.task = task
-    return result
-
-
 SHARE_HELP = ("Run the caches that hold the same state until the prompt ends (select=snapkv++ / snapkv with "
               "heads=all, same dtype) from one prefill per sample: each adopts it, then selects and decodes on its "
               "own, with the same results as without the flag. The others run as usual. Their rows say "
@@ -226,65 +142,6 @@ ROWS_HELP = ("Append each cache's row to this JSON-lines file as soon as it is d
              "samples, seed, model, profile hash); a later run with the same setup reads the rows it finds there "
              "instead of re-running them (the full cache's row, which reads no profile, for any profile). A long sweep "
              "survives an interruption, and two processes given the same file share the work. Speeds are those of the run that made the row.")
-
-
-PROFILE_FREE = ("full",)        # specs whose cache reads nothing of the profile: their rows hold for any profile
-_PROFILE_KEYS = ("profile_tensors_sha256", "profile_method", "profile_sha256")
-
-
-def _without_profile(setup: dict) -> dict:
-    return {k: v for k, v in setup.items() if k not in _PROFILE_KEYS}
-
-
-def read_rows(path: Path, setup: dict) -> dict:
-    """spec -> TaskResult of the rows in `path` made under `setup` (the first of each spec). The full cache (a
-    DynamicCache, `PROFILE_FREE`) reads nothing of the profile, so its row is also taken from a setup that differs
-    only in the profile; a row of the exact setup comes first. A missing file holds none; a line that is not a row
-    refuses the file."""
-    from kvtool.evaluate import TaskResult
-
-    found, loose = {}, {}
-    if not path.exists():
-        return found
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            ok = isinstance(item, dict) and isinstance(item.get("setup"), dict) and isinstance(item.get("result"), dict)
-            result = TaskResult(**item["result"]) if ok else None
-        except (ValueError, TypeError):
-            result = None
-        if result is None:
-            raise KvtoolError(f"--rows {path}: line {n} is not a row written by kvtool bench --rows; "
-                              "give another file")
-        if item["setup"] == setup:
-            found.setdefault(result.spec, result)
-        elif result.spec in PROFILE_FREE and _without_profile(item["setup"]) == _without_profile(setup):
-            loose.setdefault(result.spec, result)
-    return {**loose, **found}
-
-
-def append_row(path: Path, setup: dict, result) -> None:
-    """One JSON line {"setup", "result"}, flushed to disk before the next cache starts."""
-    import dataclasses
-    import os
-
-    item = dataclasses.asdict(result)
-    if not item.get("shared_prefill"):
-        item.pop("shared_prefill", None)     # a row that shared nothing reads as before (older kvtool reads it too)
-    line = json.dumps({"setup": setup, "result": item}) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _rows_setup(model: Optional[str], prof, task: str, **options) -> dict:
-    """What makes two rows comparable: the model, the loaded profile's tensors and the method `heads=<f>` names
-    (`Profile.rows_fingerprint`), the task and every option that picks or scores its samples."""
-    fingerprint = prof.rows_fingerprint() if prof is not None else {"profile_tensors_sha256": None}
-    return {"model": model or "embedded", **fingerprint, "task": task, **options}
 
 
 SHORT = {"x_smaller_than_16bit": "x smaller", "read_MiB": "read MiB/step", "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s",
@@ -418,8 +275,9 @@ def run(
     spec = policy if policy is not None else (str(Policy.from_profile(prof.policy)) if prof is not None else "heads=all")
     if task is not None:
         _check_task_context(_limit(mdl), task, lens, context, continuation, 16)
-        data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
-        results = _run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source, query=query)
+        data = samples_for(task, tok, lens, depths, samples, context, continuation, seed, source)
+        results = run_specs(mdl, tok, prof, task, data, ["full", spec], chunk, backend, text=source, query=query,
+                            progress=_progress)
         _print(results, f"kvtool run --task {task}: full cache vs {spec}", as_json)
         return
     result = generate(mdl, tok, prof, spec, text, max_new_tokens, chat, backend, chunk=chunk)
@@ -627,16 +485,16 @@ def bench(
         torch.set_num_threads(threads)
     mdl, tok, prof = _load(model, profile, dtype, need_profile=False, device=device)
     _check_task_context(_limit(mdl), task, lens, context, continuation, decode_steps)
-    data = _samples(task, tok, lens, depths, samples, context, continuation, seed, source)
+    data = samples_for(task, tok, lens, depths, samples, context, continuation, seed, source)
     setup = None
     if rows_file is not None:
         picks = dict(lengths=lens, depths=depths, **({"query": query} if query != "inside" else {})) \
             if task != "nll" else \
             dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
-        setup = _rows_setup(model, prof, task, text=source, seed=seed, chunk=chunk,
+        setup = rows_setup(model, prof, task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)
-    results = _run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
-                         rows=rows_file, setup=setup, query=query, share=share_prefill)
+    results = run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
+                         rows=rows_file, setup=setup, query=query, share=share_prefill, progress=_progress)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:
         from kvtool.plots import memory_vs_quality

@@ -172,7 +172,7 @@ UNSHARED = ["full", "select=h2o,budget=40", "heads=0.5,select=snapkv++,budget=40
 
 
 def _bench(model, tok, prof, task, samples, share, query="inside", **kw):
-    from kvtool.cli_run import _run_specs
+    from kvtool.sweep import run_specs as _run_specs
 
     return _run_specs(model, tok, prof, task, samples, UNSHARED[:1] + SHARED[:2] + UNSHARED[1:] + SHARED[2:], 16,
                       "auto", decode_steps=2, query=query, share=share, **kw)
@@ -187,7 +187,7 @@ def _same(a, b):
 def test_bench_share_prefill_gives_the_unshared_results(tiny_with_profile):
     """passkey (question inside and after), nll, a generation task and passkey-chat with its question after: the same per-sample hits / NLL, bytes held
     and read, with and without sharing; the shared rows say so, the others run alone."""
-    from kvtool.cli_run import _samples
+    from kvtool.sweep import samples_for as _samples
     from kvtool.models import load_model
     from kvtool.profile import Profile
 
