@@ -9,8 +9,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ["kvtool/stores/*.py", "kvtool/cache.py", "kvtool/attention.py", "kvtool/kvstore.py", "kvtool/policy.py",
-           "kvtool/quant_setup.py", "kvtool/quant.py", "kvtool/windows.py", "kvtool/select.py", "kvtool/sections.py"]
-RUNTIME_MODULES = ("kvtool.cache", "kvtool.stores", "kvtool.kvstore", "kvtool.quant_setup",
+           "kvtool/quant_setup.py", "kvtool/quant.py", "kvtool/windows.py", "kvtool/select.py", "kvtool/sections.py",
+           "kvtool/store_layer.py"]
+RUNTIME_MODULES = ("kvtool.cache", "kvtool.store_layer", "kvtool.stores", "kvtool.kvstore", "kvtool.quant_setup",
                    "kvtool.api", "kvtool.cli", "kvtool.cli_run", "kvtool.evaluate", "kvtool.baselines",
                    "kvtool.sweep")
 
