@@ -158,7 +158,7 @@ def make_runner(method: str, options: dict | None = None):
 
 def _check_sections(method: str, contract, runner, result, model) -> None:
     """A method writes exactly the sections its contract declares, with the declared shapes (a bug otherwise)."""
-    from kvtool.trace import Dims
+    from kvtool.modelinfo import Dims
 
     d = Dims.of(model)
     expected = contract.expected(runner, d.layers, d.kv_heads, d.head_dim)

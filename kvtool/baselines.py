@@ -87,7 +87,7 @@ def _streaming(spec: str) -> tuple[int, int]:
 
 
 def make_cache(model, profile, spec: str, backend: str = "auto") -> CacheHandle:
-    from kvtool.trace import Dims
+    from kvtool.modelinfo import Dims
 
     d = Dims.of(model)
     dims = (d.layers, d.kv_heads, d.head_dim)

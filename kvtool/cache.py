@@ -27,6 +27,7 @@ from transformers import Cache
 from kvtool import sections
 from kvtool.attention import KVTOOL_ATTENTION, kvtool_attention, kvtool_mask, use_kvtool_attention  # noqa: F401
 from kvtool.errors import KvtoolError
+from kvtool.modelinfo import Dims, has_rope
 from kvtool.models import with_cache  # noqa: F401  (re-exported: kvtool.cache.with_cache)
 from kvtool.policy import Policy
 from kvtool.lowrank_setup import lowrank_formats
@@ -36,7 +37,6 @@ from kvtool.store_layer import HeadGroup, StoreLayer, _q_index  # noqa: F401  (r
 from kvtool.stores import (H2OStore, QuantizedStore, QuantizedWindowStore, SharedKeys, SharedStore, SlidingStore,  # noqa: F401
                            SnapKVStore, Store, WindowStore, storage_dtype)
 from kvtool.stores.lowrank import LowRankStore
-from kvtool.trace import Dims, has_rope
 from kvtool.windows import layer_types, window_allowed  # noqa: F401  (window_allowed: re-exported)
 
 

@@ -8,7 +8,7 @@ import torch
 from kvtool import quant
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import RopeTable
-from kvtool.trace import has_rope
+from kvtool.modelinfo import has_rope
 from kvtool.lowrank import NAMES, SECTION, LowRank, choose_rank
 from kvtool.stores.lowrank import Latent
 

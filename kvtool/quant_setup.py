@@ -9,7 +9,7 @@ import torch
 from kvtool import quant, sections
 from kvtool.errors import KvtoolError
 from kvtool.kvstore import KeyFormat, RopeTable, ValueFormat
-from kvtool.trace import has_rope
+from kvtool.modelinfo import has_rope
 
 
 def quant_formats(model, profile, policy, dims, retrieval: torch.Tensor) -> list[tuple]:

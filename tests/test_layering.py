@@ -1,5 +1,5 @@
 """Layering: the runtime (stores, attention, cache and what they import) never imports calibrate/, and calibrate/
-never imports the runtime modules; what both need lives in low modules (kvtool.windows, kvtool.select, kvtool.trace,
+never imports the runtime modules; what both need lives in low modules (kvtool.windows, kvtool.select, kvtool.modelinfo, kvtool.trace,
 kvtool.sections, kvtool.attention: every registered attention function, which imports none of the runtime's modules). Checked on the source's import statements (module level and inside functions)."""
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ def files(patterns) -> list[Path]:
 def test_runtime_never_imports_calibrate():
     for path in files(RUNTIME):
         bad = sorted(m for m in imports(path) if m == "calibrate" or m.startswith("calibrate."))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_runtime_reads_the_model_through_modelinfo_not_the_trace():
+    """The runtime needs a model's sizes and RoPE, not the trace: it takes them from kvtool.modelinfo."""
+    for path in files(RUNTIME + ["kvtool/baselines.py", "kvtool/lowrank_setup.py"]):
+        bad = sorted(m for m in imports(path) if m == "kvtool.trace" or m.startswith("kvtool.trace."))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
