@@ -51,7 +51,7 @@ def main() -> None:
                 for step in range(args.repeats):
                     sample = duo.sample(tok, [length], step)
                     t0 = time.perf_counter()
-                    loss, reg = duo._step(model, state, sample)
+                    loss, reg, _ = duo._step(model, state, sample)
                     (loss + duo.l1_weight * reg).backward()
                     times.append(time.perf_counter() - t0)
             print(f"| {length} | duo step, student {student} | {', '.join(f'{t:.1f}' for t in times)} |", flush=True)

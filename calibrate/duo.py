@@ -19,6 +19,10 @@ Where the public code departs from the paper, both are options; defaults follow 
                first supervised position on) runs twice more over that cache, as the teacher (the target) and as the
                gated student. That is how kvtool's runtime meets the answer: decoded over a prefilled cache. A step then
                costs about one forward of the sample, not three, so a CPU covers the deployment's 1-4k lengths.
+  reuse        (kvtool, with the tail student) optimizer steps per sample: the context's prefill and the teacher's
+               target are made once and every step runs only the gated span over a copy of the cache, so steps cost
+               a fraction of a forward and the gates can converge within a CPU's time budget; a new sample every
+               `reuse` steps (the data is then `steps / reuse` samples).
 Data: synthetic multi-passkey samples (kvtool.data.passkey_samples), one per step, seeded by step so that `resume`
 continues exactly; or (`data`, issue 14: trained as deployed) samples of the evaluation tasks of kvtool.tasks
 (`copy,lookup,passkey-chat,nll-repeat`, one task per step in turn) from seeds the evaluation never uses, the prompt
@@ -75,6 +79,7 @@ class Duo:
     positions: str = "qa"
     full_branch: str = "teacher"
     student: str = "all"              # "all" (paper) or "tail": only the supervised span runs gated, over a prefill
+    reuse: int = 1                    # tail: optimizer steps per sample, over one teacher prefill (steps count each)
     train_sink: int = 128
     train_recent: int = 256
     deploy_sink: int = 64
@@ -104,6 +109,10 @@ class Duo:
                 raise KvtoolError(f"duo {name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         if self.steps < 1 or self.lengths < 1 or self.passkeys < 1 or self.words < 1:
             raise KvtoolError("duo steps, lengths, passkeys and words must be at least 1")
+        if isinstance(self.reuse, bool) or not isinstance(self.reuse, int) or self.reuse < 1:
+            raise KvtoolError(f"duo --reuse must be an integer of at least 1 (got {self.reuse!r})")
+        if self.reuse > 1 and self.student != "tail":
+            raise KvtoolError("duo --reuse needs --student tail (only the tail student keeps a prefill to reuse)")
         self._tasks()
         if not (0 < self.lr < float("inf") and 0 < self.lr_min < float("inf") and 0 <= self.ramp <= 0.5):
             raise KvtoolError(f"duo lr and lr_min must be > 0 and ramp in [0, 0.5] (got {self.lr}, {self.lr_min}, "
@@ -209,11 +218,16 @@ class Duo:
         stop = self.steps if self.stop_after is None else min(self.steps, start + self.stop_after)
         curve = _GateCurve(gates, start, max(1, self.steps // 20),
                            fraction if fraction is not None else 0.5 if dims.kv_heads < dims.q_heads else 0.25)
+        held = None                                   # the tail student's (sample index, prefilled context)
         with _duo_attention(model, state):
             for step in range(start, stop):
                 for group in opt.param_groups:
                     group["lr"] = self.lr_at(step)
-                loss, reg = self._step(model, state, self.sample(tokenizer, grid, step))
+                index = step // self.reuse                # a new sample every `reuse` steps
+                if held is None or held[0] != index:
+                    held = (index, self.sample(tokenizer, grid, index), None)
+                loss, reg, context = self._step(model, state, held[1], held[2])
+                held = (index, held[1], context if self.reuse > 1 else None)    # reuse 1: free it now
                 opt.zero_grad(set_to_none=True)
                 (loss + self.l1_weight * reg).backward()
                 opt.step()
@@ -237,12 +251,15 @@ class Duo:
                    "deploy": {"sink": self.deploy_sink, "recent": self.deploy_recent}}
         return HeadsResult("duo", {"gate": g, "score": g.clone(), "mask": top_fraction(g, fraction)}, params, windows)
 
-    def _step(self, model, state: "_DuoState", sample):
+    def _step(self, model, state: "_DuoState", sample, context=None):
+        """One step's (loss, regulariser, the tail student's context to reuse: None for the paper student)."""
         ids = sample.input_ids.view(1, -1)
         pos = self.supervised(sample)
         decoder = model.get_decoder()
         if self.student == "tail":
-            hidden, target = self._tail_states(decoder, state, ids, pos)
+            if context is None:
+                context = self._tail_context(decoder, state, ids, pos)
+            hidden, target = self._tail_student(decoder, state, ids, pos, context), context[1]
         else:
             state.mode = "teacher"
             with torch.no_grad():
@@ -252,12 +269,14 @@ class Duo:
         state.teacher.clear()
         loss = torch.nn.functional.mse_loss(hidden, target)
         reg = state.gates.abs().mean() if self.l1 == "mean" else state.gates.abs().sum()
-        return loss, reg
+        return loss, reg, context
 
-    def _tail_states(self, decoder, state: "_DuoState", ids: torch.Tensor, pos: torch.Tensor):
-        """`student="tail"`: the teacher prefills ids[:, :q0] (q0 = the first supervised position) into a cache once;
-        the span ids[:, q0:] then runs over a copy of that cache as the teacher (target) and over the cache itself
-        as the gated student. ids: [1, T]; pos: [P] supervised positions, all ≥ q0. Returns (student, target) [P, d]."""
+    def _tail_context(self, decoder, state: "_DuoState", ids: torch.Tensor, pos: torch.Tensor):
+        """`student="tail"`: the teacher prefills ids[:, :q0] (q0 = the first supervised position) into a cache once,
+        and the span ids[:, q0:] runs over a copy of it as the teacher. ids: [1, T]; pos: [P] supervised positions,
+        all ≥ q0. Returns (the context's cache, the target [P, d], the teacher's per-layer full-attention outputs of
+        the span, which the student's full branch reads with full_branch "teacher"): what every step on this sample
+        reuses (`reuse`); the gates never enter it."""
         import copy
 
         from transformers import DynamicCache
@@ -275,13 +294,23 @@ class Duo:
                 decoder(input_ids=ids[:, :q0], **with_cache(decoder, cache), use_cache=True)
             finally:
                 decoder.set_attn_implementation(DUO_ATTENTION)
-            teacher_cache = copy.deepcopy(cache)
-            target = decoder(input_ids=ids[:, q0:], **with_cache(decoder, teacher_cache),
+            target = decoder(input_ids=ids[:, q0:], **with_cache(decoder, copy.deepcopy(cache)),
                              use_cache=True).last_hidden_state[0, pos - q0]                     # [P, d]
+        return cache, target, dict(state.teacher)
+
+    def _tail_student(self, decoder, state: "_DuoState", ids: torch.Tensor, pos: torch.Tensor, context):
+        """The gated student's final hidden states [P, d] at `pos`: the span ids[:, q0:] over a copy of the context's
+        cache (the copy keeps the context as it was for the next step on the same sample)."""
+        import copy
+
+        from kvtool.models import with_cache
+
+        q0 = int(pos.min())
+        cache = context[0] if self.reuse == 1 else copy.deepcopy(context[0])
+        state.teacher = dict(context[2])                  # the span's full-attention outputs (full_branch "teacher")
         state.mode = "student"
-        hidden = decoder(input_ids=ids[:, q0:], **with_cache(decoder, cache),
-                         use_cache=True).last_hidden_state[0, pos - q0]
-        return hidden, target
+        return decoder(input_ids=ids[:, q0:], **with_cache(decoder, cache),
+                       use_cache=True).last_hidden_state[0, pos - q0]
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
@@ -291,6 +320,8 @@ class Duo:
             del out["data"]                  # checkpoints from before `data` existed stay resumable
         if out["student"] == "all":
             del out["student"]               # nor `student`
+        if out["reuse"] == 1:
+            del out["reuse"]                 # nor `reuse`
         return out
 
     def _save(self, gates, opt, step: int, history: list) -> None:
@@ -480,6 +511,9 @@ Duo.contract = C.Contract(
              C.Option("student", "--student", "all (paper: every position runs the gated attention) or tail (only "
                       "the supervised span, over the teacher's prefill of the context: one forward a step)",
                       parse=str, default="the preset's"),
+             C.Option("reuse", "--reuse", "with --student tail: optimizer steps on each sample, all over one prefill "
+                      "of its context (--steps counts every one; a new sample every --reuse steps)",
+                      check=C.at_least("--reuse", 1), default="the preset's"),
              C.Option("lr", "--lr", "peak learning rate of the gates", default="the preset's"),
              C.Option("min_len", "--min-len", "shortest training sample (tokens)",
                       check=C.at_least("--min-len", 2), default="the preset's"),

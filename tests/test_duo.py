@@ -41,7 +41,7 @@ def objective(duo: Duo, model, tok, gates: torch.Tensor, steps=range(100, 104)) 
     grid, total = duo.grid(model), 0.0
     with _duo_attention(model, state), torch.no_grad():
         for s in steps:
-            loss, reg = duo._step(model, state, duo.sample(tok, grid, s))
+            loss, reg, _ = duo._step(model, state, duo.sample(tok, grid, s))
             total += loss.item() + duo.l1_weight * reg.item()
     return total / len(steps)
 
@@ -207,7 +207,7 @@ def test_tail_student_matches_the_whole_pass_where_it_must(model, tok, monkeypat
     dims = Dims.of(model)
     state = _DuoState(torch.ones(dims.layers, dims.kv_heads), dims, duo.train_sink, duo.train_recent, duo.full_branch)
     with _duo_attention(model, state), torch.no_grad():
-        loss, _ = duo._step(model, state, sample)
+        loss, _, _ = duo._step(model, state, sample)
     student, target = seen[-1]
     torch.testing.assert_close(target, whole, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(student, whole, rtol=1e-4, atol=1e-5)
@@ -215,7 +215,7 @@ def test_tail_student_matches_the_whole_pass_where_it_must(model, tok, monkeypat
     gates = torch.zeros(dims.layers, dims.kv_heads, requires_grad=True)
     state = _DuoState(gates, dims, duo.train_sink, duo.train_recent, duo.full_branch)
     with _duo_attention(model, state):
-        loss, _ = duo._step(model, state, sample)
+        loss, _, _ = duo._step(model, state, sample)
         loss.backward()
     assert loss.item() > 1e-6 and gates.grad.abs().sum() > 0
     torch.testing.assert_close(seen[-1][1], whole, rtol=1e-4, atol=1e-5)        # the target never sees the gates
@@ -234,3 +234,33 @@ def test_tail_student_trains_and_is_refused_where_it_cannot_work(model, tok):
     cpu = Duo.from_preset("cpu-deploy")
     assert (cpu.student, cpu.train_sink, cpu.train_recent) == ("tail", Duo.deploy_sink, Duo.deploy_recent)
     assert cpu.min_len <= 1024 and cpu.max_len >= 4096 and "copy-digits" in cpu.data
+
+
+def test_reuse_steps_share_one_prefill_per_sample_and_match_a_fresh_one(model, tok, monkeypatch, tmp_path):
+    """--reuse k (tail student): a new sample every k steps, its context prefilled once; a step over the reused
+    context gives the loss a fresh prefill gives; a run stopped mid-sample resumes bit for bit; bad values refused."""
+    cfg = {**SMALL, "data": "copy,lookup", "min_len": 160, "max_len": 200, "student": "tail", "steps": 6, "reuse": 3}
+    duo = Duo(**cfg)
+    drawn, prefills = [], []
+    real_sample, real_context = Duo.sample, Duo._tail_context
+    monkeypatch.setattr(Duo, "sample", lambda self, t, g, i: drawn.append(i) or real_sample(self, t, g, i))
+    monkeypatch.setattr(Duo, "_tail_context", lambda self, *a: prefills.append(1) or real_context(self, *a))
+    gates = duo.run(model, tok).tensors["gate"]
+    assert drawn == [0, 1] and len(prefills) == 2 and (gates < 1).any()
+    sample = real_sample(duo, tok, duo.grid(model), 0)
+    dims = Dims.of(model)
+    state = _DuoState(torch.full((dims.layers, dims.kv_heads), 0.3), dims, duo.train_sink, duo.train_recent,
+                      duo.full_branch)
+    with _duo_attention(model, state), torch.no_grad():
+        fresh, _, context = duo._step(model, state, sample)
+        again = [duo._step(model, state, sample, context)[0] for _ in range(2)]      # the context is not consumed
+    assert fresh.item() > 0 and all(torch.equal(fresh, a) for a in again)
+    monkeypatch.undo()
+    ckpt = str(tmp_path / "reuse.ckpt")
+    whole = Duo(**cfg).run(model, tok).tensors["gate"]
+    Duo(**cfg, checkpoint=ckpt, checkpoint_every=1, stop_after=4).run(model, tok)      # stops inside sample 1
+    resumed = Duo(**cfg, checkpoint=ckpt, resume=True).run(model, tok).tensors["gate"]
+    assert torch.equal(whole, resumed)
+    for bad, msg in (({"reuse": 0}, "at least 1"), ({"reuse": 2, "student": "all"}, "needs --student tail")):
+        with pytest.raises(KvtoolError, match=msg):
+            Duo(**{**cfg, **bad})
