@@ -12,7 +12,7 @@ import typer
 from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
 from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
-from kvtool.sweep import read_rows, rows_setup, run_specs, samples_for
+from kvtool.sweep import default_text, read_rows, rows_setup, run_specs, samples_for
 from kvtool.tasks import TASKS
 from kvtool.textsafe import shown
 
@@ -82,8 +82,7 @@ def _check_text(task: Optional[str], text: Optional[str], samples: int, context:
         if text is not None:
             raise KvtoolError("--text is read by --task passkey|nll only; leave it out with --prompt / --prompt-file")
         return None
-    default = TASKS[task].default_text if task in TASKS else "pydoc" if task == "nll" else FILLER_NAME
-    source = text if text is not None else default
+    source = text if text is not None else default_text(task)
     need = samples * (context + continuation) if task == "nll" else 0
     check_text_source(source, passkey=task != "nll", need_tokens=need)
     return source

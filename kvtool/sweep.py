@@ -40,8 +40,23 @@ class _Quiet:
         pass
 
 
-def samples_for(task: str, tok, lengths, depths, n_nll, context, continuation, seed, text: str):
+def default_text(task: str) -> str:
+    """The text source a task reads when none is given: the task's own (kvtool.tasks), pydoc for nll, the pass-key
+    filler for passkey."""
+    from kvtool.data import FILLER_NAME
+
+    return TASKS[task].default_text if task in TASKS else "pydoc" if task == "nll" else FILLER_NAME
+
+
+def samples_for(task: str, tok, lengths=(1024, 2048, 3072, 4096), depths: int = 10, n_nll: int = 6,
+                context: int = 2048, continuation: int = 128, seed: int = 0, text: str | None = None):
+    """The samples of `task` (passkey, nll or a kvtool.tasks name): one per (length, depth) for passkey and the
+    generation tasks (`depths` evenly spaced depths), `n_nll` windows of `context` + `continuation` tokens for nll;
+    `text`: the source they read (None: the task's default, `default_text`)."""
     from kvtool.evaluate import default_depths, nll_samples, passkey_grid
+
+    if text is None:
+        text = default_text(task)
 
     if task == "passkey":
         return passkey_grid(tok, lengths, default_depths(depths), seed=seed, text=text)

@@ -170,3 +170,16 @@ def test_bench_and_run_take_the_new_tasks(capsys, tmp_path):
     code, out, err = run(capsys, "bench", model, "--task", "lookup", "--text", "filler", "--lengths", "64000",
                          "--policies", "heads=all")
     assert code != 0 and "context" in err
+
+
+def test_sweep_samples_for_takes_the_task_defaults(tok):
+    """kvtool.sweep.samples_for (the Python API under bench): keyword defaults and the task's own text source."""
+    from kvtool.evaluate import default_depths
+    from kvtool.sweep import default_text, samples_for
+
+    got = samples_for("copy-digits", tok, lengths=[200], depths=3)
+    want = tasks.samples("copy-digits", tok, [200], default_depths(3), seed=0, text=default_text("copy-digits"))
+    assert len(got) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(got, want))
+    assert default_text("nll") == "pydoc" and default_text("lookup") == tasks.get("lookup").default_text
+    with pytest.raises(KvtoolError, match="unknown task"):
+        samples_for("sort", tok)
