@@ -280,13 +280,13 @@ class CompressedCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens of every layer (assisted / prompt-lookup decoding's rejected drafts): all layers or
         none (KvtoolError naming why, e.g. a window store already freed a token the shorter context needs)."""
-        for i, layer in enumerate(self.layers):
-            end = layer.crop_end(tokens_to_remove)
+        ends = [layer.crop_end(tokens_to_remove) for layer in self.layers]
+        for i, (layer, end) in enumerate(zip(self.layers, ends)):
             reason = layer.crop_refusal(end)
             if reason:
                 raise KvtoolError(f"cannot drop {layer.seen - end} token(s) from the cache (layer {i}): {reason}")
-        for layer in self.layers:
-            layer.crop(tokens_to_remove)
+        for layer, end in zip(self.layers, ends):
+            layer.crop_to(end)                                # checked above, all layers before any changes
 
     def activate_past_recording(self, **kwargs) -> None:
         """generate calls this before assisted / prompt-lookup decoding (transformers 5.17, 5.24 and 5.25 do, 5.25

@@ -13,7 +13,7 @@ from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writ
 from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
 from kvtool.sweep import default_text, read_rows, rows_setup, run_specs, samples_for
-from kvtool.tasks import TASKS
+from kvtool.tasks import TASKS, takes_query_after
 from kvtool.textsafe import shown
 
 SHIPPED = {None: "smollm2-135m-instruct.kv.st"}     # model argument -> shipped profile file in profiles/
@@ -64,7 +64,7 @@ QUERY_HELP = ("passkey, passkey-chat: where the question is. inside: part of the
 def _check_query(query: str, task: Optional[str]) -> None:
     if query not in ("inside", "after"):
         raise KvtoolError(f"--query {query!r}: give inside or after")
-    if query == "after" and task != "passkey" and (task not in TASKS or TASKS[task].question is None):
+    if query == "after" and not takes_query_after(task or ""):
         raise KvtoolError("--query after applies to --task passkey and passkey-chat")
 
 

@@ -167,6 +167,10 @@ class StoreLayer(CacheLayerMixin):
         reason = self.crop_refusal(end)
         if reason:
             raise KvtoolError(f"cannot drop {self.seen - end} token(s) from the cache: {reason}")
+        self.crop_to(end)
+
+    def crop_to(self, end: int) -> None:
+        """Keep the first `end` tokens; the caller has checked `crop_refusal(end)`."""
         for s in self.stores:
             s.crop(end)
         self.seen, self.pending, self.uncropped = end, None, False

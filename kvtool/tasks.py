@@ -318,10 +318,18 @@ def question_ids(task: str, tokenizer, query: str) -> list[int] | None:
     one."""
     if query == "inside":
         return None
-    t = get(task)
-    if t.question is None:
+    if not takes_query_after(task):
         raise KvtoolError(f"--query after applies to --task passkey and passkey-chat, not {task}")
-    return t.question(tokenizer)
+    if task == "passkey":
+        from kvtool.data import PASSKEY_QUESTION
+
+        return _encode(tokenizer, PASSKEY_QUESTION)
+    return get(task).question(tokenizer)
+
+
+def takes_query_after(task: str) -> bool:
+    """Whether `task` has a question that `--query after` can hold back (passkey, and tasks with Task.question)."""
+    return task == "passkey" or (task in TASKS and TASKS[task].question is not None)
 
 
 @torch.inference_mode()
