@@ -23,6 +23,10 @@ Where the public code departs from the paper, both are options; defaults follow 
                target are made once and every step runs only the gated span over a copy of the cache, so steps cost
                a fraction of a forward and the gates can converge within a CPU's time budget; a new sample every
                `reuse` steps (the data is then `steps / reuse` samples).
+  average      (kvtool, issue 14) Polyak-Ruppert tail averaging (Polyak & Juditsky, SIAM J. Control Optim. 1992): the
+               profile's gates are the mean of the clamped iterates over the last `average` of the steps, not the last
+               iterate (0, the paper). One sample a step makes each iterate lean toward its sample; the mean over many
+               samples does not, so the deployed ranking stops depending on which sample came last.
 Data: synthetic multi-passkey samples (kvtool.data.passkey_samples), one per step, seeded by step so that `resume`
 continues exactly; or (`data`, issue 14: trained as deployed) samples of the evaluation tasks of kvtool.tasks
 (`copy,lookup,passkey-chat,nll-repeat`, one task per step in turn) from seeds the evaluation never uses, the prompt
@@ -80,6 +84,7 @@ class Duo:
     full_branch: str = "teacher"
     student: str = "all"              # "all" (paper) or "tail": only the supervised span runs gated, over a prefill
     reuse: int = 1                    # tail: optimizer steps per sample, over one teacher prefill (steps count each)
+    average: float = 0.0              # deploy the mean of the iterates over this last fraction of steps (0: the last)
     train_sink: int = 128
     train_recent: int = 256
     deploy_sink: int = 64
@@ -113,6 +118,8 @@ class Duo:
             raise KvtoolError(f"duo --reuse must be an integer of at least 1 (got {self.reuse!r})")
         if self.reuse > 1 and self.student != "tail":
             raise KvtoolError("duo --reuse needs --student tail (only the tail student keeps a prefill to reuse)")
+        if isinstance(self.average, bool) or not (0.0 <= float(self.average) <= 1.0):
+            raise KvtoolError(f"duo --average must be a fraction of the steps in [0, 1] (got {self.average!r})")
         self._tasks()
         if not (0 < self.lr < float("inf") and 0 < self.lr_min < float("inf") and 0 <= self.ramp <= 0.5):
             raise KvtoolError(f"duo lr and lr_min must be > 0 and ramp in [0, 0.5] (got {self.lr}, {self.lr_min}, "
@@ -143,6 +150,12 @@ class Duo:
         if step >= self.steps - n:
             return self.lr_min + (self.lr - self.lr_min) * (self.steps - 1 - step) / n
         return self.lr
+
+    def average_from(self) -> int:
+        """The first step (0-based) whose iterate enters the deployed mean; `steps` when averaging is off."""
+        if not self.average:
+            return self.steps
+        return self.steps - max(1, int(round(float(self.average) * self.steps)))
 
     def grid(self, model) -> list[int]:
         limit = model.config.get_text_config().max_position_embeddings
@@ -209,14 +222,20 @@ class Duo:
         grid = self.grid(model)
         gates = torch.ones(dims.layers, dims.kv_heads, requires_grad=True)
         opt = torch.optim.AdamW([gates], lr=self.lr_at(0), weight_decay=0.0)
+        total = torch.zeros(dims.layers, dims.kv_heads, dtype=torch.float64)    # sum of averaged iterates [L, H_kv]
         start, history = 0, []
         if self.resume:
-            start, history = self._load(gates, opt)
+            start, history = self._load(gates, opt, total)
+        first = self.average_from()
+
+        def deployed() -> torch.Tensor:               # the gates the profile would get now: [L, H_kv]
+            n = min(len(history), self.steps) - first
+            return (total / n).float() if n > 0 else gates.detach().clamp(0, 1).float()
         for p in model.parameters():
             p.requires_grad_(False)
         state = _DuoState(gates, dims, self.train_sink, self.train_recent, self.full_branch)
         stop = self.steps if self.stop_after is None else min(self.steps, start + self.stop_after)
-        curve = _GateCurve(gates, start, max(1, self.steps // 20),
+        curve = _GateCurve(deployed, start, max(1, self.steps // 20),
                            fraction if fraction is not None else 0.5 if dims.kv_heads < dims.q_heads else 0.25)
         held = None                                   # the tail student's (sample index, prefilled context)
         with _duo_attention(model, state):
@@ -233,19 +252,22 @@ class Duo:
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
+                    if step >= first:
+                        total += gates.detach().double()
                 history.append([loss.item(), reg.item()])
                 done = step + 1
                 curve.after(done, done == stop)
                 if self.checkpoint and (done % self.checkpoint_every == 0 or done == stop):
-                    self._save(gates, opt, done, history)
+                    self._save(gates, opt, done, history, total)
                 if on_progress is not None:
                     on_progress(done, f"loss {history[-1][0]:.3g} · sparsity {1 - gates.mean().item():.3f}")
         finished = len(history) >= self.steps
-        g = gates.detach().clamp(0, 1).float()
+        g = deployed().clone()
         if fraction is None:
             fraction = 0.5 if dims.kv_heads < dims.q_heads else 0.25
         params = {k: v for k, v in asdict(self).items() if k not in _RUN_CONTROL}
         params.update(fraction=fraction, steps_done=len(history), finished=finished,
+                      averaged_steps=max(0, min(len(history), self.steps) - first),
                       final_loss=history[-1][0] if history else None, gate_curve=curve.points)
         windows = {"train": {"sink": self.train_sink, "recent": self.train_recent},
                    "deploy": {"sink": self.deploy_sink, "recent": self.deploy_recent}}
@@ -322,11 +344,13 @@ class Duo:
             del out["student"]               # nor `student`
         if out["reuse"] == 1:
             del out["reuse"]                 # nor `reuse`
+        if not out["average"]:
+            del out["average"]               # nor `average`
         return out
 
-    def _save(self, gates, opt, step: int, history: list) -> None:
-        """A safetensors file (no pickle): gates, AdamW's per-gate state and the loss history as tensors; step and
-        settings as JSON metadata. Written atomically."""
+    def _save(self, gates, opt, step: int, history: list, total: torch.Tensor) -> None:
+        """A safetensors file (no pickle): gates, AdamW's per-gate state, the loss history and (when averaging) the
+        sum of the averaged iterates as tensors; step and settings as JSON metadata. Written atomically."""
         import json
 
         from safetensors.torch import save
@@ -336,13 +360,15 @@ class Duo:
         state = opt.state_dict()["state"].get(0, {})
         tensors = {"gates": gates.detach().clone().contiguous(),
                    "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2)}
+        if self.average:
+            tensors["average_sum"] = total.detach().clone().contiguous()
         for key, value in state.items():
             tensors[f"optimizer.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
         meta = {"kvtool.duo_checkpoint": _CHECKPOINT_FORMAT, "step": json.dumps(step),
                 "config": json.dumps(self._fingerprint())}
         atomic_write(self.checkpoint, lambda tmp: write_bytes(save(tensors, metadata=meta))(tmp))
 
-    def _load(self, gates, opt) -> tuple[int, list]:
+    def _load(self, gates, opt, total: torch.Tensor) -> tuple[int, list]:
         """Read and validate a checkpoint written by `_save`. Never unpickles anything: a file that is not a
         safetensors duo checkpoint with every field present and of the right type, shape and range is refused."""
         import json
@@ -382,6 +408,8 @@ class Duo:
                   "optimizer.exp_avg_sq": (tuple(gates.shape), torch.float32)}
         if step == 0:
             expect = {k: v for k, v in expect.items() if not k.startswith("optimizer.")}
+        if self.average:
+            expect["average_sum"] = (tuple(gates.shape), torch.float64)
         missing = sorted(set(expect) - set(tensors))
         extra = sorted(set(tensors) - set(expect))
         if missing or extra:
@@ -398,10 +426,16 @@ class Duo:
                 raise KvtoolError(f"{where}: {name} contains NaN or inf")
         if ((tensors["gates"] < 0) | (tensors["gates"] > 1)).any():
             raise KvtoolError(f"{where}: gates must lie in [0, 1]")
+        if self.average:
+            n = max(0, step - self.average_from())
+            if ((tensors["average_sum"] < 0) | (tensors["average_sum"] > n + 1e-6)).any():
+                raise KvtoolError(f"{where}: average_sum must lie in [0, {n}] after step {step}")
         if step > 0 and (tensors["optimizer.step"].item() != step or (tensors["optimizer.exp_avg_sq"] < 0).any()):
             raise KvtoolError(f"{where}: the optimizer state does not match step {step}")
         with torch.no_grad():
             gates.copy_(tensors["gates"])
+            if self.average:
+                total.copy_(tensors["average_sum"])
         if step > 0:
             state = opt.state_dict()
             state["state"] = {0: {k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")}}
@@ -410,20 +444,20 @@ class Duo:
 
 
 class _GateCurve:
-    """How much the gates move: every `every` steps (and at the end), the mean and largest |Δ gate| since the last
-    snapshot and how many heads entered or left the top `fraction` (the deployed retrieval set). Converged gates
-    move little and change no head."""
+    """How much the deployed gates move (the mean of the iterates once averaging has begun, else the last iterate):
+    every `every` steps (and at the end), the mean and largest |Δ gate| since the last snapshot and how many heads
+    entered or left the top `fraction` (the deployed retrieval set). Converged gates move little and change no head."""
 
-    def __init__(self, gates: torch.Tensor, step: int, every: int, fraction: float):
-        self.gates, self.every, self.fraction = gates, every, fraction
-        self.last = gates.detach().clone()                                          # [L, H_kv]
+    def __init__(self, deployed, step: int, every: int, fraction: float):
+        self.deployed, self.every, self.fraction = deployed, every, fraction
+        self.last = deployed().clone()                                              # [L, H_kv]
         self.step = step
         self.points: list[dict] = []
 
     def after(self, step: int, last: bool) -> None:
         if step % self.every and not last:
             return
-        now = self.gates.detach().clamp(0, 1)
+        now = self.deployed()
         delta = (now - self.last).abs()
         changed = int((top_fraction(now, self.fraction) != top_fraction(self.last.clamp(0, 1), self.fraction)).sum())
         self.points.append({"step": step, "mean_abs_change": round(float(delta.mean()), 6),
@@ -472,7 +506,7 @@ def _duo_summary(profile) -> dict:
     out = C.heads_summary("duo")(profile)
     params = profile.calibration["methods"]["duo"]
     out.update(data=params.get("data", "passkey"), steps_done=params.get("steps_done"),
-               gate_curve=params.get("gate_curve", []))
+               gate_curve=params.get("gate_curve", []), averaged_steps=params.get("averaged_steps", 0))
     return out
 
 
@@ -484,7 +518,8 @@ def _duo_text(s: dict) -> str:
         tail = (f"; gate curve: mean |Δ| {curve[0]['mean_abs_change']:.4f} by step {curve[0]['step']} → "
                 f"{last['mean_abs_change']:.4f} over the steps to {last['step']}, {last['heads_changed']} heads "
                 "changed side in that last stretch")
-    return C.heads_text(s) + f" (data {s.get('data', 'passkey')}, {s.get('steps_done')} steps{tail})"
+    mean = f", gates averaged over the last {s['averaged_steps']}" if s.get("averaged_steps") else ""
+    return C.heads_text(s) + f" (data {s.get('data', 'passkey')}, {s.get('steps_done')} steps{mean}{tail})"
 
 
 Duo.default_preset = staticmethod(default_preset)
@@ -514,6 +549,8 @@ Duo.contract = C.Contract(
              C.Option("reuse", "--reuse", "with --student tail: optimizer steps on each sample, all over one prefill "
                       "of its context (--steps counts every one; a new sample every --reuse steps)",
                       check=C.at_least("--reuse", 1), default="the preset's"),
+             C.Option("average", "--average", "deploy the mean of the gates over this last fraction of the steps "
+                      "(Polyak averaging; 0: the last step's gates, as the paper)", default="the preset's"),
              C.Option("lr", "--lr", "peak learning rate of the gates", default="the preset's"),
              C.Option("min_len", "--min-len", "shortest training sample (tokens)",
                       check=C.at_least("--min-len", 2), default="the preset's"),

@@ -299,6 +299,7 @@ def calibrate(
     train_recent: Optional[int] = typer.Option(None, "--train-recent", help=f"Training recent tokens {_METHOD}."),
     student: Optional[str] = typer.Option(None, "--student", help=f"Which positions train gated {_METHOD}."),
     reuse: Optional[int] = typer.Option(None, "--reuse", help=f"Steps per training sample (tail student) {_METHOD}."),
+    average: Optional[float] = typer.Option(None, "--average", help=f"Deploy the mean gates of this last fraction of steps {_METHOD}."),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate {_METHOD}."),
     min_len: Optional[int] = typer.Option(None, "--min-len", help=f"Shortest training sample {_METHOD}."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help=f"Longest training sample {_METHOD}."),
@@ -328,7 +329,7 @@ def calibrate(
              "--resume": resume or None, "--clip": clip, "--max-group": max_group, "--per": per, "--groups": groups,
              "--ridge": ridge, "--heldout": heldout, "--windows": windows, "--kernels": kernels, "--budget": budget,
              "--future": future, "--train-sink": train_sink, "--train-recent": train_recent,
-             "--student": student, "--reuse": reuse, "--lr": lr,
+             "--student": student, "--reuse": reuse, "--average": average, "--lr": lr,
              "--min-len": min_len, "--max-len": max_len, "--signals": signals}
     given = {flag: value for flag, value in given.items() if value is not None}
     options, runner = method_options(method, given, fraction)                 # unknown method, bad values: refused

@@ -264,3 +264,26 @@ def test_reuse_steps_share_one_prefill_per_sample_and_match_a_fresh_one(model, t
     for bad, msg in (({"reuse": 0}, "at least 1"), ({"reuse": 2, "student": "all"}, "needs --student tail")):
         with pytest.raises(KvtoolError, match=msg):
             Duo(**{**cfg, **bad})
+
+
+def test_average_deploys_the_mean_of_the_last_iterates_and_resumes_exactly(model, tok, tmp_path):
+    """--average f (Polyak tail averaging): the profile's gates are the mean of the clamped iterates of the last
+    f·steps steps; the iterates themselves are those of a run without averaging; a resumed run equals an unbroken
+    one; a checkpoint is not resumed under another --average; bad values are refused."""
+    cfg = {**SMALL, "steps": 8, "lr": 0.05}
+    result = Duo(**cfg, average=0.5).run(model, tok)
+    assert result.params["averaged_steps"] == 4 and Duo(**cfg, average=0.5).average_from() == 4
+    iterates = [Duo(**cfg, stop_after=k).run(model, tok).tensors["gate"] for k in range(5, 9)]
+    assert not torch.equal(iterates[0], iterates[-1])                        # the mean is not one iterate
+    torch.testing.assert_close(result.tensors["gate"], torch.stack(iterates).mean(0), rtol=0, atol=1e-6)
+    assert torch.equal(Duo(**cfg).run(model, tok).tensors["gate"], iterates[-1])
+    assert [p["step"] for p in result.params["gate_curve"]] == list(range(1, 9))
+    ckpt = str(tmp_path / "avg.ckpt")
+    Duo(**cfg, average=0.5, checkpoint=ckpt, checkpoint_every=1, stop_after=6).run(model, tok)  # 2 steps averaged
+    resumed = Duo(**cfg, average=0.5, checkpoint=ckpt, resume=True).run(model, tok).tensors["gate"]
+    assert torch.equal(resumed, result.tensors["gate"])
+    with pytest.raises(KvtoolError, match="other duo settings"):
+        Duo(**cfg, checkpoint=ckpt, resume=True).run(model, tok)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(KvtoolError, match="--average must be a fraction"):
+            Duo(**cfg, average=bad)
