@@ -16,7 +16,7 @@ quantization levels), `pca` (low-rank bases and latent ranges), `pod` (layer gro
 to `_MODULES`) plus one entry in
 tests/test_methods.py's `TINY` (its options for a tiny model); that matrix checks the sections and shapes its contract
 declares, its summary, its CLI run and its refusals. A CLI flag no method had before is one more line in
-kvtool/cli.py's `calibrate` signature (the matrix says so until it is there).
+kvtool/cli_calibrate.py's `calibrate` signature (the matrix says so until it is there).
 """
 
 from __future__ import annotations

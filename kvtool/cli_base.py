@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -79,3 +80,15 @@ def _table(title: str, rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(*(Text(plain(v)) for v in r.values()))
     return table
+
+
+def _default_output(model: Optional[str], method: Optional[str] = None) -> Path:
+    """`smollm2.kv.st` for the embedded model (not the shipped profile's name, so the two are never confused),
+    else `<model directory or file stem>.kv.st`; a calibration without --profile adds `.<method>`."""
+    stem = "smollm2" if model is None else Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
+    return Path(f"{stem}.{method}.kv.st" if method else f"{stem}.kv.st")
+
+
+def _lengths(lengths) -> str:
+    distinct = sorted(set(lengths or []))
+    return "/".join(map(str, distinct)) if distinct else "?"
