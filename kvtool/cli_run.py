@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from kvtool.cli_base import _Command, _progress, _quiet_libraries, _table, _writable_target, app, err, out
-from kvtool.data import FILLER_NAME, TEXT_SOURCES, check_text_source
+from kvtool.texts import FILLER_NAME, TEXT_SOURCES, check_text_source
 from kvtool.errors import KvtoolError
 from kvtool.sweep import default_text, read_rows, rows_setup, run_specs, samples_for
 from kvtool.tasks import TASKS, takes_query_after

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from kvtool.cache import prefill, with_cache
-from kvtool.data import check_text_source, numeric_passkey_prompts, passkey_samples, text_ids
+from kvtool.data import numeric_passkey_prompts, passkey_samples
+from kvtool.texts import check_text_source, text_ids
 from kvtool.errors import KvtoolError
 
 
@@ -35,7 +36,7 @@ class TaskResult:
     nll: float | None = None                  # nll: mean over every continuation token of every sample
     hits: list[bool] = field(default_factory=list)
     sample_nll: list[float] = field(default_factory=list)   # nll: each sample's mean over its continuation tokens
-    text: str | None = None                   # the text source the samples came from (kvtool.data.TEXT_SOURCES)
+    text: str | None = None                   # the text source the samples came from (kvtool.texts.TEXT_SOURCES)
     read_bytes: float | None = None           # bytes one decode step read from the cache (the last step, mean)
     query: str | None = None                  # passkey(-chat): "inside" / "after" (split_question); None: inside
     shared_prefill: bool = False              # bench --share-prefill: the prompt's prefill was shared by a group of
@@ -98,7 +99,7 @@ def passkey_grid(tokenizer, lengths, depths, words: int = 5, seed: int = 0, fmt:
 def nll_samples(tokenizer, n: int, context: int, continuation: int, seed: int = 0,
                 source: str = "pydoc") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` disjoint windows of natural text as (context ids [C], continuation ids [N]), cut from `source`: a text
-    source name of kvtool.data.TEXT_SOURCES ("pydoc": Python's documentation, the default; "stdlib": standard
+    source name of kvtool.texts.TEXT_SOURCES ("pydoc": Python's documentation, the default; "stdlib": standard
     library docstrings) or a .txt / .jsonl path. The text is never repeated to fit: too short a text is refused."""
     need = n * (context + continuation)
     check_text_source(source, passkey=False, flag="NLL text")
@@ -179,7 +180,8 @@ def split_question(tokenizer, prompt: torch.Tensor, question: list[int] | None =
     pass-key prompt's kvtool.data.PASSKEY_QUESTION; passkey-chat: kvtool.tasks.chat_passkey_question). For the
     "after" regime (SCBench, arXiv 2412.10319: the context is compressed first, then the question arrives, as in
     multi-turn reuse), where query-aware eviction cannot see the question."""
-    from kvtool.data import PASSKEY_QUESTION, _encode
+    from kvtool.data import PASSKEY_QUESTION
+    from kvtool.texts import _encode
 
     if question is None:
         question = _encode(tokenizer, PASSKEY_QUESTION)

@@ -43,7 +43,7 @@ class _Quiet:
 def default_text(task: str) -> str:
     """The text source a task reads when none is given: the task's own (kvtool.tasks), pydoc for nll, the pass-key
     filler for passkey."""
-    from kvtool.data import FILLER_NAME
+    from kvtool.texts import FILLER_NAME
 
     return TASKS[task].default_text if task in TASKS else "pydoc" if task == "nll" else FILLER_NAME
 

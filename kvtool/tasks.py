@@ -1,6 +1,6 @@
 """Long-context evaluation tasks for `kvtool run/bench --task`, beyond `passkey` and `nll` (issue 14).
 
-Every task puts something into a haystack (a window of a text source, kvtool.data.TEXT_SOURCES, or the pass-key
+Every task puts something into a haystack (a window of a text source, kvtool.texts.TEXT_SOURCES, or the pass-key
 filler) at a depth, and asks for it back at the end of the context, so the answer needs distant tokens:
 
   copy          induction / copy (the mechanism of induction heads, Olsson et al., arXiv 2209.11895): a span of
@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kvtool.data import FILLER, FILLER_NAME, _bos, _encode, check_text_source, text_ids
+from kvtool.data import FILLER
+from kvtool.texts import FILLER_NAME, _bos, _encode, check_text_source, text_ids
 from kvtool.errors import KvtoolError
 
 SPAN_WORDS = 8           # copy: words in the random span
@@ -64,13 +65,13 @@ class Task:
 
 @lru_cache(maxsize=4)
 def _word_pool(tokenizer) -> tuple[tuple[int, str], ...]:
-    """(token id, " word") of the 4-to-8-letter lowercase words of Python's documentation (kvtool.data.haystack_text,
+    """(token id, " word") of the 4-to-8-letter lowercase words of Python's documentation (kvtool.texts.haystack_text,
     whole words, so no word fragments such as " happ": the model skips those when copying) that the tokenizer
     encodes, after a space, as one token below id COMMON_IDS (frequent ones): the random words of `copy` and the keys
     of `lookup`. Sorted by id, so the pool is fixed for a given Python version and tokenizer."""
     import re
 
-    from kvtool.data import haystack_text
+    from kvtool.texts import haystack_text
 
     words = sorted(set(re.findall(r"(?<![A-Za-z_])[a-z]{4,8}(?![A-Za-z_])", haystack_text())))
     out = set()

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from kvtool.data import (NATO_WORDS, Sample, describe, haystack_text, load_samples, passkey_samples,
-                         text_file_samples)
+from kvtool.data import NATO_WORDS, Sample, describe, load_samples, passkey_samples, text_file_samples
 from kvtool.errors import KvtoolError
+from kvtool.texts import haystack_text
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_file_errors(tok, tmp_path):
     _raises(lambda: load_samples(str(short), tok, 1, 64), f"only {n} tokens", "64")
 
 
-# --- text sources of the evaluation tasks (kvtool.data.TEXT_SOURCES, `--text` of run/bench) ---
+# --- text sources of the evaluation tasks (kvtool.texts.TEXT_SOURCES, `--text` of run/bench) ---
 
 def _sha(text: str) -> str:
     import hashlib
@@ -223,7 +223,7 @@ def test_text_sources_are_the_same_in_a_fresh_process():
     import transformers.utils.logging  # noqa: F401  (patches logging.Logger)
 
     import kvtool
-    from kvtool.data import STDLIB_MODULES, TEXT_SOURCES, source_text, stdlib_text
+    from kvtool.texts import STDLIB_MODULES, TEXT_SOURCES, source_text, stdlib_text
 
     assert list(STDLIB_MODULES) == sorted(set(STDLIB_MODULES)) and 40 <= len(STDLIB_MODULES) <= 90
     assert not any(m.startswith("pydoc") for m in STDLIB_MODULES) and set(TEXT_SOURCES) == {"pydoc", "stdlib"}
@@ -231,7 +231,7 @@ def test_text_sources_are_the_same_in_a_fresh_process():
     assert "warning_once" not in stdlib_text() and len(stdlib_text()) > 300_000
     docs = (Path(kvtool.__file__).resolve().parent.parent / "docs" / "runtime.md").read_text()
     assert f"docstrings of {len(STDLIB_MODULES)} standard-library modules" in " ".join(docs.split())
-    code = ("from kvtool.data import haystack_text, stdlib_text; import hashlib; "
+    code = ("from kvtool.texts import haystack_text, stdlib_text; import hashlib; "
             "print(*(hashlib.sha256(t().encode()).hexdigest() for t in (haystack_text, stdlib_text)))")
     root = str(Path(kvtool.__file__).resolve().parent.parent)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -241,7 +241,7 @@ def test_text_sources_are_the_same_in_a_fresh_process():
 
 
 def test_stdlib_and_pydoc_share_no_long_window():
-    from kvtool.data import stdlib_text
+    from kvtool.texts import stdlib_text
 
     pydoc, stdlib = haystack_text(), stdlib_text()
     for a, b in ((stdlib, pydoc), (pydoc, stdlib)):
@@ -250,7 +250,7 @@ def test_stdlib_and_pydoc_share_no_long_window():
 
 
 def test_unknown_text_sources_are_refused(tmp_path):
-    from kvtool.data import check_text_source
+    from kvtool.texts import check_text_source
 
     with pytest.raises(KvtoolError, match="no such text source or file.*pydoc, stdlib, filler"):
         check_text_source("wiki", passkey=True)
@@ -266,7 +266,7 @@ def test_unknown_text_sources_are_refused(tmp_path):
 
 
 def test_nll_windows_of_each_source(tok, tmp_path):
-    from kvtool.data import _encode, stdlib_text
+    from kvtool.texts import _encode, stdlib_text
     from kvtool.evaluate import nll_samples
 
     assert len(_encode(tok, stdlib_text())) >= 60_000                        # the embedded tokenizer's count
@@ -288,7 +288,7 @@ def test_nll_windows_of_each_source(tok, tmp_path):
 
 
 def test_passkey_haystack_of_each_source(tok):
-    from kvtool.data import stdlib_text
+    from kvtool.texts import stdlib_text
     from kvtool.evaluate import passkey_grid
 
     prompts = passkey_grid(tok, [1024, 4096], [0.1, 0.9], seed=3, text="stdlib")

@@ -27,7 +27,7 @@ def _tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from kvtool.data import haystack_text
+    from kvtool.texts import haystack_text
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,7 +62,7 @@ def workdir(tmp_path_factory):
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvtool.data import haystack_text
+    from kvtool.texts import haystack_text
 
     root = tmp_path_factory.mktemp("reliability")
     tok = _tokenizer()
