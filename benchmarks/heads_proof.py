@@ -8,7 +8,8 @@ cache's accuracy, random's mean keeps ≤ 60%, duo is at least as good as the co
 draws accuracy vs the fraction of KV heads kept whole, one line per method with its interval, the full cache as a
 line. `--extra FILE=LABEL` (repeatable) adds the rankings of another profile measured on the same samples (same task,
 text, seed, lengths, depths; the rows file of a run with that profile), as `<method>@LABEL`, e.g. the gates of
-`--preset cpu-deploy` beside the shipped ones.
+`--preset cpu-deploy` beside the shipped ones. Last, at every fraction, duo against each other ranking on the same
+samples: the difference in correct samples with a paired bootstrap 95% interval (a tie when it holds 0).
 
     python benchmarks/heads_proof.py docs/bench-rows/issue14-proof-passkey-chat.jsonl [--setup N] [--plot PNG] \
         [--extra docs/bench-rows/issue14-duo-cpu-deploy-passkey-chat.jsonl=cpu-deploy]
@@ -105,6 +106,31 @@ def targets(full, stats, f: float = 0.25) -> str:
     return "\n".join(lines) or f"(no rows at {f:g} yet)"
 
 
+def paired(grid, rng, base: str = "duo") -> str:
+    """At each fraction, `base` minus every other non-random method on the same samples: the difference in correct
+    samples and a percentile 95% interval, the samples resampled once for both (a paired bootstrap)."""
+    lines = []
+    for f in sorted({f for cells in grid.values() for f in cells}):
+        if f not in grid.get(base, {}):
+            continue
+        a = np.array(grid[base][f][0].hits, dtype=float)                          # [N]
+        for m in sorted(grid):
+            if m in (base, "random") or f not in grid[m]:
+                continue
+            b = np.array(grid[m][f][0].hits, dtype=float)                         # [N]
+            if b.shape != a.shape:
+                continue
+            d = a - b                                                             # [N] per-sample difference
+            idx = rng.integers(0, len(d), (B, len(d)))                            # [B, N]
+            sums = d[idx].sum(axis=1)                                             # [B]
+            lo, hi = np.quantile(sums, 0.025), np.quantile(sums, 0.975)
+            verdict = "a tie" if lo <= 0 <= hi else (f"{base} better" if lo > 0 else f"{m} better")
+            lines.append(f"- at {f:g}: `{base}` − `{m}` = {int(d.sum()):+d} samples [{lo:+.0f}, {hi:+.0f}] "
+                         f"(paired bootstrap 95%; {int((a > b).sum())} only {base}, {int((b > a).sum())} only {m}): "
+                         f"{verdict}")
+    return "\n".join(lines)
+
+
 def plot(full, stats, path: Path, title: str) -> None:
     import matplotlib
 
@@ -164,6 +190,10 @@ def main() -> None:
     print(table)
     print()
     print(targets(full, stats))
+    pairs = paired(grid, np.random.default_rng(1))
+    if pairs:
+        print()
+        print(pairs)
     if args.plot:
         plot(full, stats, args.plot, f"{setup.get('task')} (seed {setup.get('seed')}): retrieval-head rankings vs random")
 
