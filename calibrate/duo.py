@@ -68,8 +68,6 @@ PRESETS = {
 TASK_SEED = 1_000_000          # task samples for training draw seeds from here on (evaluation: 0; pilots: 100+)
 
 
-
-
 @register("duo")
 @dataclass
 class Duo:
@@ -217,9 +215,12 @@ class Duo:
             start, history = checkpoint_io.load(self, gates, opt, total)
         first = self.average_from()
 
+        def averaged() -> int:                        # iterates summed in `total` so far
+            return max(0, min(len(history), self.steps) - first)
+
         def deployed() -> torch.Tensor:               # the gates the profile would get now: [L, H_kv]
-            n = min(len(history), self.steps) - first
-            return (total / n).float() if n > 0 else gates.detach().clamp(0, 1).float()
+            n = averaged()
+            return (total / n).float() if n else gates.detach().clamp(0, 1).float()
         for p in model.parameters():
             p.requires_grad_(False)
         state = _DuoState(gates, dims, self.train_sink, self.train_recent, self.full_branch)
@@ -251,12 +252,12 @@ class Duo:
                 if on_progress is not None:
                     on_progress(done, f"loss {history[-1][0]:.3g} · sparsity {1 - gates.mean().item():.3f}")
         finished = len(history) >= self.steps
-        g = deployed().clone()
+        g = deployed()
         if fraction is None:
             fraction = 0.5 if dims.kv_heads < dims.q_heads else 0.25
         params = {k: v for k, v in asdict(self).items() if k not in checkpoint_io.RUN_CONTROL}
         params.update(fraction=fraction, steps_done=len(history), finished=finished,
-                      averaged_steps=max(0, min(len(history), self.steps) - first),
+                      averaged_steps=averaged(),
                       final_loss=history[-1][0] if history else None, gate_curve=curve.points)
         windows = {"train": {"sink": self.train_sink, "recent": self.train_recent},
                    "deploy": {"sink": self.deploy_sink, "recent": self.deploy_recent}}
@@ -323,7 +324,7 @@ class Duo:
         return decoder(input_ids=ids[:, q0:], **with_cache(decoder, cache),
                        use_cache=True).last_hidden_state[0, pos - q0]
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
+
 class _GateCurve:
     """How much the deployed gates move (the mean of the iterates once averaging has begun, else the last iterate):
     every `every` steps (and at the end), the mean and largest |Δ gate| since the last snapshot and how many heads

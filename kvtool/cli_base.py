@@ -87,8 +87,3 @@ def _default_output(model: Optional[str], method: Optional[str] = None) -> Path:
     else `<model directory or file stem>.kv.st`; a calibration without --profile adds `.<method>`."""
     stem = "smollm2" if model is None else Path(model.rstrip("/")).name.lower().removesuffix(".gguf")
     return Path(f"{stem}.{method}.kv.st" if method else f"{stem}.kv.st")
-
-
-def _lengths(lengths) -> str:
-    distinct = sorted(set(lengths or []))
-    return "/".join(map(str, distinct)) if distinct else "?"

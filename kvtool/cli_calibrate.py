@@ -9,10 +9,14 @@ from typing import Optional
 
 import typer
 
-from kvtool.cli_base import (_Command, _default_output, _lengths, _progress, _quiet_libraries, _writable_target, app,
-                             err, out)
+from kvtool.cli_base import _Command, _default_output, _progress, _quiet_libraries, _writable_target, app, err, out
 from kvtool.errors import KvtoolError
 from kvtool.textsafe import shown
+
+
+def _lengths(lengths) -> str:
+    distinct = sorted(set(lengths or []))
+    return "/".join(map(str, distinct)) if distinct else "?"
 
 
 class _CalibrateCommand(_Command):
