@@ -492,7 +492,8 @@ def bench(
             dict(samples=samples, context=context, continuation=continuation, decode_steps=decode_steps)
         setup = rows_setup(model, prof, task, text=source, seed=seed, chunk=chunk,
                             dtype=dtype, device=device, backend=backend, **picks)
-    results = run_specs(mdl, tok, prof, task, data, ["full"] + base + pols, chunk, backend, decode_steps, source,
+    specs = list(dict.fromkeys(["full"] + base + pols))      # the full cache always leads; a spec named twice runs once
+    results = run_specs(mdl, tok, prof, task, data, specs, chunk, backend, decode_steps, source,
                          rows=rows_file, setup=setup, query=query, share=share_prefill, progress=_progress)
     _print(results, f"kvtool bench --task {task}", as_json)
     if plot is not None:

@@ -239,6 +239,22 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
     assert bad.read_text() == "hello\n"
 
 
+def test_bench_runs_a_repeated_spec_once(capsys, monkeypatch, tiny_with_profile):
+    """The full cache always leads a bench; naming it (or any spec) again in --policies does not run it twice."""
+    import kvtool.evaluate
+
+    model, prof = tiny_with_profile
+    ran = []
+    real = kvtool.evaluate.run_nll
+    monkeypatch.setattr(kvtool.evaluate, "run_nll", lambda mdl, s, spec, *a, **k: ran.append(spec) or real(mdl, s, spec, *a, **k))
+    code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--samples", "1", "--context", "64",
+                         "--continuation", "8", "--decode-steps", "1", "--baselines", "none", "--json",
+                         "--policies", "full;heads=all;heads=all")
+    assert code == 0, err
+    assert ran == ["full", "heads=all"]
+    assert [r["cache"] for r in json.loads(out)] == ["full", "heads=all"]
+
+
 def test_policy_command_prints_sets_and_refuses(capsys, tiny_with_profile, tmp_path):
     """`kvtool policy P` prints the default policy; `kvtool policy P POLICY -o Q` checks it on the model and writes a
     profile whose default it is (so `kvtool run` without --policy uses it); a policy the profile cannot serve is one
