@@ -4,6 +4,7 @@ signals are independent measurements of one property, so an average of their ran
 
 Signals (each a [L, H_kv] tensor a profile already holds; higher = the head needs distant tokens more):
   duo        DuoAttention's gates (Xiao et al., arXiv 2410.10819), heads.duo.gate
+  pull       duo's pull: the mean -d(distillation loss)/d(gate) over its training, heads.duo.pull (calibrate/duo.py)
   copy       the trace's Retrieval-Head copy score (Wu et al., arXiv 2404.15574), heads.copy_score
   retrieval  the retrieval method's score, heads.retrieval.score
   razor      RazorAttention's echo + induction (Tang et al., arXiv 2407.15891), heads.razor.score
@@ -25,9 +26,10 @@ from calibrate.heads import HeadsResult, check_fraction, top_fraction
 from kvtool.errors import KvtoolError
 from kvtool.sections import COPY_SCORE, STREAMING_MASS
 
-SIGNALS = {"duo": "heads.duo.gate", "copy": COPY_SCORE, "retrieval": "heads.retrieval.score",
+SIGNALS = {"duo": "heads.duo.gate", "pull": "heads.duo.pull", "copy": COPY_SCORE, "retrieval": "heads.retrieval.score",
            "razor": "heads.razor.score", "echo": "heads.razor.echo", "induction": "heads.razor.induction",
            "distant": STREAMING_MASS}
+MADE_BY = {"pull": "duo"}                # signals another method's run writes
 FLIPPED = {"distant"}                     # signals whose tensor is read as 1 - value
 
 
@@ -70,7 +72,7 @@ class Combo:
             key = SIGNALS[name]
             if key not in profile:
                 raise KvtoolError(f"profile has no {key}: combo's signal {name} needs it "
-                                  f"(run `kvtool calibrate --method {name}` or `kvtool profile` first)")
+                                  f"(run `kvtool calibrate --method {MADE_BY.get(name, name)}` or `kvtool profile` first)")
             x = profile[key].float()                                                  # [L, H_kv]
             each[name] = ranks(1 - x if name in FLIPPED else x)
         score = torch.stack(list(each.values())).mean(0)                              # [L, H_kv]

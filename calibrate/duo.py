@@ -27,6 +27,13 @@ Where the public code departs from the paper, both are options; defaults follow 
                profile's gates are the mean of the clamped iterates over the last `average` of the steps, not the last
                iterate (0, the paper). One sample a step makes each iterate lean toward its sample; the mean over many
                samples does not, so the deployed ranking stops depending on which sample came last.
+Pull (kvtool, issue 14): with the L1 pull Adam moves every gate by about the learning rate whatever the size of its
+gradient, so the heads the distillation loss needs all end clamped at or near 1 and their gates no longer say which
+matters most (a plateau: on the embedded model the top 16 gates lie in [0.955, 1]). `heads.duo.pull` keeps what the
+clamp throws away: the mean over the steps of -d(loss)/d(gate), the distillation loss's own gradient without the L1
+term, i.e. how strongly the loss asked for each head to attend fully (first-order head importance, as in Molchanov
+et al., "Importance Estimation for Neural Network Pruning", CVPR 2019). It is recorded beside the training and changes
+nothing of it; a ranking by it is `kvtool calibrate --method combo --signals ...,pull` or read directly.
 Data: synthetic multi-passkey samples (kvtool.data.passkey_samples), one per step, seeded by step so that `resume`
 continues exactly; or (`data`, issue 14: trained as deployed) samples of the evaluation tasks of kvtool.tasks
 (`copy,lookup,passkey-chat,nll-repeat`, one task per step in turn) from seeds the evaluation never uses, the prompt
@@ -210,9 +217,10 @@ class Duo:
         gates = torch.ones(dims.layers, dims.kv_heads, requires_grad=True)
         opt = torch.optim.AdamW([gates], lr=self.lr_at(0), weight_decay=0.0)
         total = torch.zeros(dims.layers, dims.kv_heads, dtype=torch.float64)    # sum of averaged iterates [L, H_kv]
+        pull = torch.zeros(dims.layers, dims.kv_heads, dtype=torch.float64)     # sum of -d(loss)/d(gate) [L, H_kv]
         start, history = 0, []
         if self.resume:
-            start, history = checkpoint_io.load(self, gates, opt, total)
+            start, history = checkpoint_io.load(self, gates, opt, total, pull)
         first = self.average_from()
 
         def averaged() -> int:                        # iterates summed in `total` so far
@@ -239,6 +247,8 @@ class Duo:
                 held = (index, held[1], context if self.reuse > 1 else None)    # reuse 1: free it now
                 opt.zero_grad(set_to_none=True)
                 (loss + self.l1_weight * reg).backward()
+                with torch.no_grad():                 # the loss's own gradient: the total less the L1 term's
+                    pull -= (gates.grad - self.l1_weight * self._reg_grad(gates)).double()
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
@@ -248,7 +258,7 @@ class Duo:
                 done = step + 1
                 curve.after(done, done == stop)
                 if self.checkpoint and (done % self.checkpoint_every == 0 or done == stop):
-                    checkpoint_io.save(self, gates, opt, done, history, total)
+                    checkpoint_io.save(self, gates, opt, done, history, total, pull)
                 if on_progress is not None:
                     on_progress(done, f"loss {history[-1][0]:.3g} · sparsity {1 - gates.mean().item():.3f}")
         finished = len(history) >= self.steps
@@ -261,7 +271,14 @@ class Duo:
                       final_loss=history[-1][0] if history else None, gate_curve=curve.points)
         windows = {"train": {"sink": self.train_sink, "recent": self.train_recent},
                    "deploy": {"sink": self.deploy_sink, "recent": self.deploy_recent}}
-        return HeadsResult("duo", {"gate": g, "score": g.clone(), "mask": top_fraction(g, fraction)}, params, windows)
+        mean_pull = (pull / max(len(history), 1)).float()                      # [L, H_kv]
+        return HeadsResult("duo", {"gate": g, "score": g.clone(), "mask": top_fraction(g, fraction),
+                                   "pull": mean_pull}, params, windows)
+
+    def _reg_grad(self, gates: torch.Tensor) -> torch.Tensor:
+        """d(reg)/d(gates) [L, H_kv] of the L1 term as autograd computes it (|x|' = sign(x), 0 at 0)."""
+        g = torch.sign(gates.detach())
+        return g / gates.numel() if self.l1 == "mean" else g
 
     def _step(self, model, state: "_DuoState", sample, context=None):
         """One step's (loss, regulariser, the tail student's context to reuse: None for the paper student)."""
@@ -439,6 +456,6 @@ Duo.contract = C.Contract(
              C.Option("max_len", "--max-len", "longest training sample (tokens; default the model's context)",
                       check=C.at_least("--max-len", 2), default="the preset's"),
              C.seed("random seed of the training samples")),
-    sections=tuple(C.Section(f"heads.duo.{n}", "L, H") for n in ("gate", "score", "mask")),
+    sections=tuple(C.Section(f"heads.duo.{n}", "L, H") for n in ("gate", "score", "mask", "pull")),
     summary=_duo_summary, text=_duo_text, fraction=True, check=_duo_check,
     total=lambda r, model: r.steps, paper="arXiv 2410.10819")

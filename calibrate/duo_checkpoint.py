@@ -38,9 +38,10 @@ def fingerprint(duo) -> dict:
         del out["average"]               # nor `average`
     return out
 
-def save(duo, gates, opt, step: int, history: list, total: torch.Tensor) -> None:
-    """A safetensors file (no pickle): gates, AdamW's per-gate state, the loss history and (when averaging) the
-    sum of the averaged iterates as tensors; step and settings as JSON metadata. Written atomically."""
+def save(duo, gates, opt, step: int, history: list, total: torch.Tensor, pull: torch.Tensor) -> None:
+    """A safetensors file (no pickle): gates, AdamW's per-gate state, the loss history, the summed pull (the loss's
+    own gradient, heads.duo.pull) and (when averaging) the sum of the averaged iterates as tensors; step and settings
+    as JSON metadata. Written atomically."""
     import json
 
     from safetensors.torch import save
@@ -49,7 +50,8 @@ def save(duo, gates, opt, step: int, history: list, total: torch.Tensor) -> None
 
     state = opt.state_dict()["state"].get(0, {})
     tensors = {"gates": gates.detach().clone().contiguous(),
-               "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2)}
+               "history": torch.tensor(history, dtype=torch.float64).reshape(-1, 2),
+               "pull_sum": pull.detach().clone().contiguous()}
     if duo.average:
         tensors["average_sum"] = total.detach().clone().contiguous()
     for key, value in state.items():
@@ -58,7 +60,7 @@ def save(duo, gates, opt, step: int, history: list, total: torch.Tensor) -> None
             "config": json.dumps(fingerprint(duo))}
     atomic_write(duo.checkpoint, lambda tmp: write_bytes(save(tensors, metadata=meta))(tmp))
 
-def load(duo, gates, opt, total: torch.Tensor) -> tuple[int, list]:
+def load(duo, gates, opt, total: torch.Tensor, pull: torch.Tensor) -> tuple[int, list]:
     """Read and validate a checkpoint written by `_save`. Never unpickles anything: a file that is not a
     safetensors duo checkpoint with every field present and of the right type, shape and range is refused."""
     import json
@@ -93,7 +95,10 @@ def load(duo, gates, opt, total: torch.Tensor) -> tuple[int, list]:
     if config != fingerprint(duo):
         raise KvtoolError(f"{where} was made with other duo settings; "
                           "resume with the same options or start without --resume")
+    if "pull_sum" not in tensors and "gates" in tensors:
+        raise KvtoolError(f"{where} was written before duo recorded heads.duo.pull: start without --resume")
     expect = {"gates": (tuple(gates.shape), torch.float32), "history": ((step, 2), torch.float64),
+              "pull_sum": (tuple(gates.shape), torch.float64),
               "optimizer.step": ((), torch.float32), "optimizer.exp_avg": (tuple(gates.shape), torch.float32),
               "optimizer.exp_avg_sq": (tuple(gates.shape), torch.float32)}
     if step == 0:
@@ -124,6 +129,7 @@ def load(duo, gates, opt, total: torch.Tensor) -> tuple[int, list]:
         raise KvtoolError(f"{where}: the optimizer state does not match step {step}")
     with torch.no_grad():
         gates.copy_(tensors["gates"])
+        pull.copy_(tensors["pull_sum"])
         if duo.average:
             total.copy_(tensors["average_sum"])
     if step > 0:

@@ -101,7 +101,7 @@ def _exact_shape(name: str, L: int, H: int, D: int, levels) -> tuple | None:
     parts = name.split(".")
     if parts[0] == "heads" and len(parts) == 2 and parts[1] in _HEAD_STATS:
         return (L, H)
-    if parts[0] == "heads" and len(parts) == 3 and parts[2] in ("score", "mask", "gate", "echo", "induction"):
+    if parts[0] == "heads" and len(parts) == 3 and parts[2] in ("score", "mask", "gate", "echo", "induction", "pull"):
         return (L, H)
     if parts[0] == "layers" and name == "layers.similarity":
         return (L - 1, H)

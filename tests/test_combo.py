@@ -42,3 +42,12 @@ def test_bad_signals(signals, needle):
 def test_missing_signal_is_named():
     with pytest.raises(KvtoolError, match="heads.razor.score"):
         Combo(signals="copy,razor").run(profile=_Profile({"heads.copy_score": torch.zeros(2, 2)}))
+
+
+def test_pull_signal_reads_duo_s_pull_and_names_duo_when_missing():
+    prof = _Profile({"heads.duo.pull": torch.tensor([[0.5, -0.1], [0.0, 2.0]]),
+                     "heads.copy_score": torch.tensor([[0.7, 0.1], [0.2, 0.8]])})
+    res = Combo(signals="pull,copy").run(profile=prof, fraction=0.25)
+    assert res.tensors["mask"].tolist() == [[0, 0], [0, 1]]
+    with pytest.raises(KvtoolError, match="heads.duo.pull.*--method duo"):
+        Combo(signals="pull,copy").run(profile=_Profile({"heads.copy_score": torch.zeros(2, 2)}))

@@ -139,6 +139,8 @@ def test_checkpoint_is_never_unpickled_and_every_field_is_checked(model, tok, tm
         "gates as int": ({"tensors": {"gates": torch.ones(2, 2, dtype=torch.int64)}}, "gates is int64"),
         "gates out of range": ({"tensors": {"gates": torch.full((2, 2), 2.0)}}, "must lie in \\[0, 1\\]"),
         "NaN gates": ({"tensors": {"gates": torch.full((2, 2), float("nan"))}}, "NaN"),
+        "pull as float32": ({"tensors": {"pull_sum": torch.zeros(2, 2)}}, "pull_sum is float32"),
+        "NaN pull": ({"tensors": {"pull_sum": torch.full((2, 2), float("nan"), dtype=torch.float64)}}, "NaN"),
         "short history": ({"tensors": {"history": torch.zeros(1, 2, dtype=torch.float64)}}, "history is"),
         "extra tensor": ({"tensors": {"extra": torch.zeros(1)}}, "unexpected tensor 'extra'"),
         "optimizer step mismatch": ({"tensors": {"optimizer.step": torch.tensor(5.0)}}, "does not match step 2"),
@@ -287,3 +289,35 @@ def test_average_deploys_the_mean_of_the_last_iterates_and_resumes_exactly(model
     for bad in (1.5, -0.1, True):
         with pytest.raises(KvtoolError, match="--average must be a fraction"):
             Duo(**cfg, average=bad)
+
+
+def test_pull_is_the_mean_loss_gradient_and_resumes_exactly(model, tok, tmp_path, monkeypatch):
+    """heads.duo.pull is the mean over the steps of -d(loss)/d(gate) without the L1 term, measured here by an
+    independent backward of the loss alone at each step's gates; recording it changes no gate; a resumed run carries
+    the sum on; a checkpoint without it is refused in one line."""
+    cfg = {**SMALL, "steps": 4, "lr": 0.05}
+    seen = []
+    real = Duo._step
+
+    def step(self, mdl, state, sample, context=None):
+        loss, reg, ctx = real(self, mdl, state, sample, context)
+        (g,) = torch.autograd.grad(loss, [state.gates], retain_graph=True)      # the loss's own gradient
+        seen.append(-g.double())
+        return loss, reg, ctx
+
+    monkeypatch.setattr(Duo, "_step", step)
+    result = Duo(**cfg).run(model, tok)
+    monkeypatch.setattr(Duo, "_step", real)
+    pull = result.tensors["pull"]
+    assert pull.shape == (2, 2) and pull.dtype == torch.float32 and len(seen) == 4
+    torch.testing.assert_close(pull, torch.stack(seen).mean(0).float(), rtol=1e-4, atol=1e-7)
+    assert pull.abs().max() > 0 and not torch.allclose(pull, pull.flatten()[0].expand(2, 2))
+    plain = Duo(**cfg).run(model, tok)
+    assert torch.equal(plain.tensors["gate"], result.tensors["gate"])          # recording it trains nothing
+    ckpt = tmp_path / "pull.ckpt"
+    Duo(**cfg, checkpoint=str(ckpt), checkpoint_every=1, stop_after=2).run(model, tok)
+    resumed = Duo(**cfg, checkpoint=str(ckpt), resume=True).run(model, tok)
+    torch.testing.assert_close(resumed.tensors["pull"], plain.tensors["pull"], rtol=0, atol=0)
+    old = _edit(ckpt, tmp_path / "old.ckpt", drop=["pull_sum"])
+    with pytest.raises(KvtoolError, match="before duo recorded heads.duo.pull"):
+        Duo(**cfg, checkpoint=old, resume=True).run(model, tok)
