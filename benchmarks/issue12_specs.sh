@@ -5,7 +5,7 @@
 # The task is passkey-chat (docs/BENCHMARKS.md, "Issue 14: evaluation tasks"): the embedded model's full cache finds
 # 40/40 of its keys at 1-4k, where it finds only 15-16/40 of the plain `passkey` task's, so "within 2 of the full
 # cache" means something. Its question (everything after the haystack) is what `--query after` holds back.
-# The sweep passes --share-prefill: in each process the SPP / SNAP / ROCK / SPPQ specs (select=snapkv++|snapkv with
+# The sweep passes --share-prefill: in each process the SPP / SNAP / ROCK / ROCK4 / SPPQ specs (select=snapkv++|snapkv with
 # heads=all) run from one prefill per sample (exactly the same results; docs/runtime.md); STR, H2O and the head
 # splits run alone. Their rows are written when the whole group is done, so an interruption loses that group's work.
 #
@@ -16,6 +16,8 @@
 #   H2O   H2O (heavy hitters + recent, evicting as tokens arrive)    select=h2o,budget=B
 #   ROCK  RocketKV: SnapKV++ + stage 2 reading 1/16 of the kept tokens' pages per decode step (read=0.0625, pages of
 #         16), so that with the open page and the page min/max it reads about 1/8 of the kept bytes at budget 512
+#   ROCK4 RocketKV with pages of 4 and 16 of the 64 head dims scored (read=0.0625,page=4,rdims=16): added 2026-12-07
+#         after ROCK failed (2/40 at budget 512), chosen on 12 pilot samples of seed 7 (docs/BENCHMARKS.md)
 #   SPPQ  SnapKV++ with its kept tokens in 4 bits (KIVI / KVQuant-style body, sink 4, buffer 32)
 #   HSPP  head split: DuoAttention's retrieval half selects with SnapKV++, streaming heads keep sink 4 + recent B-4
 #   HSPPQ the head split + SnapKV++ + 4-bit kept tokens
@@ -31,10 +33,11 @@ P8="heads=duo:0.125,k=4,v=3,sink=4,recent=864,buffer=0,wk=4,wv=4,krope=pre,vgrou
 
 units_for() {        # the policies at budget $1 as '|'-separated units: the specs that share a prefill are one unit
   local b=$1 r=$(( $1 - 4 ))
-  printf '%s;%s;%s;%s|%s|%s|%s|%s|' \
+  printf '%s;%s;%s;%s;%s|%s|%s|%s|%s|' \
     "select=snapkv++,budget=$b" \
     "select=snapkv,budget=$b" \
     "select=snapkv++,budget=$b,read=0.0625,page=16" \
+    "select=snapkv++,budget=$b,read=0.0625,page=4,rdims=16" \
     "select=snapkv++,budget=$b,k=4,v=4,sink=4,buffer=32" \
     "heads=none,sink=4,recent=$r" \
     "select=h2o,budget=$b" \
