@@ -246,9 +246,10 @@ class Duo:
                 loss, reg, context = self._step(model, state, held[1], held[2])
                 held = (index, held[1], context if self.reuse > 1 else None)    # reuse 1: free it now
                 opt.zero_grad(set_to_none=True)
+                (l1_grad,) = torch.autograd.grad(reg, [gates], retain_graph=True)    # [L, H_kv], a tiny graph
                 (loss + self.l1_weight * reg).backward()
                 with torch.no_grad():                 # the loss's own gradient: the total less the L1 term's
-                    pull -= (gates.grad - self.l1_weight * self._reg_grad(gates)).double()
+                    pull -= (gates.grad - self.l1_weight * l1_grad).double()
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
@@ -274,11 +275,6 @@ class Duo:
         mean_pull = (pull / max(len(history), 1)).float()                      # [L, H_kv]
         return HeadsResult("duo", {"gate": g, "score": g.clone(), "mask": top_fraction(g, fraction),
                                    "pull": mean_pull}, params, windows)
-
-    def _reg_grad(self, gates: torch.Tensor) -> torch.Tensor:
-        """d(reg)/d(gates) [L, H_kv] of the L1 term as autograd computes it (|x|' = sign(x), 0 at 0)."""
-        g = torch.sign(gates.detach())
-        return g / gates.numel() if self.l1 == "mean" else g
 
     def _step(self, model, state: "_DuoState", sample, context=None):
         """One step's (loss, regulariser, the tail student's context to reuse: None for the paper student)."""
