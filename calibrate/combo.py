@@ -26,8 +26,8 @@ from calibrate.heads import HeadsResult, check_fraction, top_fraction
 from kvtool.errors import KvtoolError
 from kvtool.sections import COPY_SCORE, STREAMING_MASS
 
-SIGNALS = {"duo": "heads.duo.gate", "pull": "heads.duo.pull", "copy": COPY_SCORE, "retrieval": "heads.retrieval.score",
-           "razor": "heads.razor.score", "echo": "heads.razor.echo", "induction": "heads.razor.induction",
+SIGNALS = {"duo": "heads.duo.gate", "pull": "heads.duo.pull", "copy": COPY_SCORE,
+           "retrieval": "heads.retrieval.score", "razor": "heads.razor.score", "echo": "heads.razor.echo", "induction": "heads.razor.induction",
            "distant": STREAMING_MASS}
 MADE_BY = {"pull": "duo"}                # signals another method's run writes
 FLIPPED = {"distant"}                     # signals whose tensor is read as 1 - value
@@ -71,8 +71,8 @@ class Combo:
         for name in self.names():
             key = SIGNALS[name]
             if key not in profile:
-                raise KvtoolError(f"profile has no {key}: combo's signal {name} needs it "
-                                  f"(run `kvtool calibrate --method {MADE_BY.get(name, name)}` or `kvtool profile` first)")
+                raise KvtoolError(f"profile has no {key}: combo's signal {name} needs it (run `kvtool calibrate "
+                                  f"--method {MADE_BY.get(name, name)}` or `kvtool profile` first)")
             x = profile[key].float()                                                  # [L, H_kv]
             each[name] = ranks(1 - x if name in FLIPPED else x)
         score = torch.stack(list(each.values())).mean(0)                              # [L, H_kv]

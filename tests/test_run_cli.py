@@ -182,11 +182,18 @@ def test_run_warns_nothing(capsys, tiny_with_profile):
     assert "deprecated" not in err
 
 
+def _record_nll_specs(monkeypatch) -> list:
+    """The specs kvtool.evaluate.run_nll is called with, in order (it still runs)."""
+    import kvtool.evaluate
+
+    ran, real = [], kvtool.evaluate.run_nll
+    monkeypatch.setattr(kvtool.evaluate, "run_nll", lambda mdl, s, spec, *a, **k: ran.append(spec) or real(mdl, s, spec, *a, **k))
+    return ran
+
+
 def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny_with_profile, tmp_path):
     """--rows appends each row as it finishes; a re-run reads rows of the same setup back instead of running them,
     and a changed setup (another seed) runs again. A file that is not ours is refused with one line."""
-    import kvtool.evaluate
-
     model, prof = tiny_with_profile
     rows = tmp_path / "rows.jsonl"
     nll = ["--task", "nll", "--samples", "1", "--context", "64", "--continuation", "8", "--decode-steps", "1",
@@ -195,9 +202,7 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
     assert code == 0, err
     first = json.loads(out)
     assert len(rows.read_text().splitlines()) == 2
-    ran = []
-    real = kvtool.evaluate.run_nll
-    monkeypatch.setattr(kvtool.evaluate, "run_nll", lambda mdl, s, spec, *a, **k: ran.append(spec) or real(mdl, s, spec, *a, **k))
+    ran = _record_nll_specs(monkeypatch)
     code, out, err = run(capsys, "bench", model, "--profile", prof, *nll, "--policies", "heads=all;heads=none,sink=4,recent=16")
     assert code == 0, err
     again = json.loads(out)
@@ -241,14 +246,10 @@ def test_bench_rows_file_resumes_and_keys_on_the_setup(capsys, monkeypatch, tiny
 
 def test_bench_runs_a_repeated_spec_once(capsys, monkeypatch, tiny_with_profile):
     """The full cache always leads a bench; naming it (or any spec) again in --policies does not run it twice."""
-    import kvtool.evaluate
-
     model, prof = tiny_with_profile
-    ran = []
-    real = kvtool.evaluate.run_nll
-    monkeypatch.setattr(kvtool.evaluate, "run_nll", lambda mdl, s, spec, *a, **k: ran.append(spec) or real(mdl, s, spec, *a, **k))
-    code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--samples", "1", "--context", "64",
-                         "--continuation", "8", "--decode-steps", "1", "--baselines", "none", "--json",
+    ran = _record_nll_specs(monkeypatch)
+    code, out, err = run(capsys, "bench", model, "--profile", prof, "--task", "nll", "--samples", "1", "--context",
+                         "64", "--continuation", "8", "--decode-steps", "1", "--baselines", "none", "--json",
                          "--policies", "full;heads=all;heads=all")
     assert code == 0, err
     assert ran == ["full", "heads=all"]
