@@ -21,8 +21,10 @@
 #   SPPQ  SnapKV++ with its kept tokens in 4 bits (KIVI / KVQuant-style body, sink 4, buffer 32)
 #   HSPP  head split: DuoAttention's retrieval half selects with SnapKV++, streaming heads keep sink 4 + recent B-4
 #   HSPPQ the head split + SnapKV++ + 4-bit kept tokens
-# plus, for "which policy keeps the accuracy after compression at the same bytes", the issue-11 8x policy (P8: no
-# query-aware eviction; every retrieval head keeps every token in 4/3 bits).
+# plus, for "which policy keeps the accuracy after compression at the same bytes", policies with no query-aware
+# eviction: the issue-11 8x policy (P8: every retrieval head keeps every token in 4/3 bits), and razor's top 10% of
+# the KV heads keeping every token, the rest sink 64 + recent 256 (RZ10, 4.7x), and the same in 4 bits (RZ10Q);
+# added 2026-12-07 (pre-registered in docs/BENCHMARKS.md, "the question after compression at budget 512").
 # SnapKV's obs/kernel come from the profile's snapkv section when it has one (kvtool calibrate --method snapkv),
 # else RocketKV's 32/63; to calibrate first:
 #   kvtool calibrate --method snapkv --profile profiles/smollm2-135m-instruct.kv.st -o /tmp/smollm2.snap.kv.st
@@ -30,6 +32,8 @@
 
 BUDGETS="128 256 512 1024"
 P8="heads=duo:0.125,k=4,v=3,sink=4,recent=864,buffer=0,wk=4,wv=4,krope=pre,vgroup=64"
+RZ10="heads=razor:0.1"
+RZ10Q="heads=razor:0.1,k=4,v=4,wk=4,wv=4"
 
 units_for() {        # the policies at budget $1 as '|'-separated units: the specs that share a prefill are one unit
   local b=$1 r=$(( $1 - 4 ))
@@ -52,7 +56,7 @@ specs_for() {        # the policies at budget $1, ';'-separated
 
 ALL=""
 for b in $BUDGETS; do ALL="$ALL$(specs_for "$b")"; done
-ALL="$ALL$P8"
+ALL="$ALL$P8;$RZ10;$RZ10Q"
 
 ROWS=${ROWS:-docs/bench-rows/issue12-selection.jsonl}
 PASSKEY="--task passkey-chat --lengths 1024,2048,3072,4096 --depths 10 --threads 1"   # 40 samples, 1k-4k
@@ -66,7 +70,7 @@ sweep() {            # $1: the bench options, $2 $3: this process's part of the 
 }
 
 # the targets' budget (512) first, so an interrupted sweep has measured what the targets need
-UNITS="$(units_for 512)$P8|$(units_for 1024)$(units_for 256)$(units_for 128)"
+UNITS="$(units_for 512)$P8|$RZ10|$RZ10Q|$(units_for 1024)$(units_for 256)$(units_for 128)"
 
 all() {              # every regime for part $1 of $2
   # question inside the prompt (SnapKV's and RocketKV's setting: the observation window sees the question)
