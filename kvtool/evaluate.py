@@ -41,6 +41,8 @@ class TaskResult:
     query: str | None = None                  # passkey(-chat): "inside" / "after" (split_question); None: inside
     shared_prefill: bool = False              # bench --share-prefill: the prompt's prefill was shared by a group of
                                               # specs (kvtool.shared_prefill); its time is counted in full here
+    reused_tokens: int = 0                    # bench --reuse-prefix: prompt tokens resumed from a saved state, not run
+                                              # (kvtool.prefix_reuse); prefill tok/s counts only the tokens run
 
     @property
     def ratio(self) -> float:
@@ -61,6 +63,8 @@ class TaskResult:
             out["query"] = self.query
         if self.shared_prefill:
             out["shared_prefill"] = True
+        if self.reused_tokens:
+            out["reused_tokens"] = self.reused_tokens
         out["kv_MiB"] = round(self.kv_bytes / 2**20, 3)
         if self.read_bytes is not None:
             out["read_MiB"] = round(self.read_bytes / 2**20, 3)
@@ -192,15 +196,38 @@ def split_question(tokenizer, prompt: torch.Tensor, question: list[int] | None =
     return prompt[:-len(q)], prompt[-len(q):]
 
 
-def prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev, question: list[int] | None = None):
+def prompt_in(model, tokenizer, prompt, cache, chunk: int, query: str, dev, question: list[int] | None = None,
+              reuse=None, index: int = 0):
     """Prefill a prompt under a query regime: "inside", the whole prompt at once (selection sees the question);
     "after", the context (the cache compresses it: kvtool's prefill ends with finish_prefill), then the question
-    (`question`: its ids, see split_question). → the last position's logits [1, V]."""
+    (`question`: its ids, see split_question). `reuse` (kvtool.prefix_reuse.PrefixReuse, planned on what this
+    regime prefills first: `prefilled_part`) resumes sample `index` from a saved state.
+    → (the last position's logits [1, V], the cache holding the prompt: `cache`, or a copy replacing it)."""
+    first, rest = prefilled_part(tokenizer, prompt, query, question)
+    if reuse is None:
+        logits = prefill(model, first.view(1, -1).to(dev), cache, chunk)
+    else:
+        logits, cache = reuse.prefill(model, index, first.view(1, -1).to(dev), cache)
+    if rest is not None:
+        logits = prefill(model, rest.view(1, -1).to(dev), cache, chunk)
+    return logits, cache
+
+
+def prefilled_part(tokenizer, prompt, query: str, question: list[int] | None = None):
+    """(what a regime prefills and compresses first [T'], what it runs after that or None): "inside", the whole
+    prompt; "after", split_question's (context, question)."""
     if query == "inside":
-        return prefill(model, prompt.view(1, -1).to(dev), cache, chunk)
-    context, question = split_question(tokenizer, prompt, question)
-    prefill(model, context.view(1, -1).to(dev), cache, chunk)
-    return prefill(model, question.view(1, -1).to(dev), cache, chunk)
+        return prompt, None
+    return split_question(tokenizer, prompt, question)
+
+
+def reuse_plan(tokenizer, prompts, query: str, chunk: int, question: list[int] | None = None, reuse: bool = True):
+    """A kvtool.prefix_reuse.PrefixReuse over what `query` prefills first of each prompt, or None without `reuse`."""
+    if not reuse:
+        return None
+    from kvtool.prefix_reuse import PrefixReuse
+
+    return PrefixReuse([prefilled_part(tokenizer, p, query, question)[0] for p in prompts], chunk)
 
 
 def greedy(model, cache, logits, steps: int, m: "Meter") -> list[int]:
@@ -241,27 +268,30 @@ def nll_tail(model, cache, last, cont, decode_steps: int, m: "Meter") -> float:
 
 @torch.inference_mode()
 def run_passkey(model, tokenizer, samples, spec: str, profile=None, chunk: int = 512, backend: str = "auto",
-                query: str = "inside") -> TaskResult:
+                query: str = "inside", reuse: bool = False) -> TaskResult:
     """Greedy-decode after a chunked prefill; correct when the key appears in the first len(key)+4 generated tokens.
-    `query`: "inside" (the question is part of the prompt) or "after" (asked after the context was compressed)."""
+    `query`: "inside" (the question is part of the prompt) or "after" (asked after the context was compressed).
+    `reuse`: resume each prefill from a saved state of an earlier sample's same start (kvtool.prefix_reuse; the same
+    results, fewer prefill tokens run)."""
     from kvtool.baselines import make_cache
 
     if query not in QUERIES:
         raise KvtoolError(f"unknown query regime {query!r} (inside or after)")
     m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
+    plan = reuse_plan(tokenizer, [s[0] for s in samples], query, chunk, reuse=reuse)
     hits = []
-    for prompt, answer in samples:
+    for i, (prompt, answer) in enumerate(samples):
         cache = m.handle.fresh()
         with m.pre:
-            logits = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev)
-        m.n_pre += prompt.numel()
+            logits, cache = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev, reuse=plan, index=i)
+        m.n_pre += prompt.numel() - (plan.last_reused if plan else 0)
         got = greedy(model, cache, logits, passkey_steps(tokenizer, answer), m)
         hits.append(answer in tokenizer.decode(got))
         m.held(cache)
         m.step_read(cache)
     return m.result(spec, "passkey", len(samples), correct=sum(hits), hits=hits,
-                    query=None if query == "inside" else query)
+                    query=None if query == "inside" else query, reused_tokens=plan.reused_tokens if plan else 0)
 
 
 @torch.inference_mode()

@@ -89,6 +89,12 @@ class Policy:
     def __setattr__(self, name, value):
         raise AttributeError("Policy is immutable; use replace()")
 
+    def __copy__(self) -> "Policy":               # immutable: a copy is the same object
+        return self
+
+    def __deepcopy__(self, memo) -> "Policy":     # (a cache's deep copy shares its policy: kvtool.prefix_reuse)
+        return self
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Policy) and self._values == other._values
 

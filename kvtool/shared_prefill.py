@@ -58,13 +58,15 @@ def share_plan(model, profile, specs: list[str], backend: str = "auto") -> list[
 
 @torch.inference_mode()
 def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=None, chunk: int = 512,
-              backend: str = "auto", query: str = "inside", decode_steps: int = 16) -> list:
+              backend: str = "auto", query: str = "inside", decode_steps: int = 16, reuse: bool = False) -> list:
     """Every spec of a group (share_plan) on the same samples, sample by sample, from one shared prefill each; a
     TaskResult per spec, as the unshared run would give (plus `shared_prefill`, and times as the module docstring
-    says)."""
+    says). `reuse`: the shared prefill resumes from an earlier sample's saved state of the same start
+    (kvtool.prefix_reuse)."""
     from kvtool.baselines import make_cache
     from kvtool.cache import CompressedCache, _profile_method, prefill
     from kvtool.evaluate import QUERIES, Meter, Timer, _device, greedy, nll_tail, passkey_steps, split_question
+    from kvtool.prefix_reuse import PrefixReuse
     from kvtool.policy import Policy
 
     if task == "passkey":
@@ -94,24 +96,34 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
     hits: list[list[bool]] = [[] for _ in specs]
     nll = [[0.0, 0] for _ in specs]                           # summed cross-entropy, tokens
     per: list[list[float]] = [[] for _ in specs]
+    firsts = []                                               # what each sample prefills before any question
     for sample in samples:
         prompt, question = sample[0], None
         if kind in ("passkey", "generate") and query == "after":
             prompt, question = split_question(tokenizer, sample[0], asked)
+        firsts.append((prompt, question))
+    plan = PrefixReuse([p for p, _ in firsts], chunk) if reuse else None
+    reused = 0
+    for n_sample, (sample, (prompt, question)) in enumerate(zip(samples, firsts)):
         source.reset()
         with Timer() as shared:
-            last = prefill(model, prompt.view(1, -1).to(dev), source, chunk, finish=False)   # [1, V]
+            if plan is None:
+                last = prefill(model, prompt.view(1, -1).to(dev), source, chunk, finish=False)   # [1, V]
+                prefilled = source
+            else:
+                last, prefilled = plan.prefill(model, n_sample, prompt.view(1, -1).to(dev), source, finish=False)
+                reused = plan.last_reused
         for i, m in enumerate(meters):
             with own[i]:
                 cache = m.handle.fresh()
                 with m.pre:
-                    cache.adopt_prefill(source)
+                    cache.adopt_prefill(prefilled)
                     cache.finish_prefill()                    # this spec's own selection
                     logits = last
                     if question is not None:
                         logits = prefill(model, question.view(1, -1).to(dev), cache, chunk)
                 m.pre.seconds += shared.seconds
-                m.n_pre += sample[0].numel()
+                m.n_pre += sample[0].numel() - reused
                 if kind == "passkey":
                     got = greedy(model, cache, logits, passkey_steps(tokenizer, sample[1]), m)
                     hits[i].append(sample[1] in tokenizer.decode(got))
@@ -130,6 +142,7 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
                     m.step_read(cache)
             own[i].seconds += shared.seconds
         source.reset()                                        # free the shared prompt before the next sample
+        prefilled = None
     out = []
     n = len(samples)
     for i, (spec, m) in enumerate(zip(specs, meters)):
@@ -139,5 +152,6 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
             r = m.result(spec, task, n, correct=sum(hits[i]), hits=hits[i],
                          query=None if query == "inside" else query)
         r.seconds, r.shared_prefill = own[i].seconds, True
+        r.reused_tokens = plan.reused_tokens if plan else 0
         out.append(r)
     return out

@@ -71,13 +71,16 @@ def samples_for(task: str, tok, lengths=(1024, 2048, 3072, 4096), depths: int = 
 
 def run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, backend: str,
                decode_steps: int = 16, text: str | None = None, rows: Optional[Path] = None,
-               setup: Optional[dict] = None, query: str = "inside", share: bool = False, progress=None) -> list:
+               setup: Optional[dict] = None, query: str = "inside", share: bool = False, progress=None,
+               reuse: bool = False) -> list:
     """Each spec on the same samples, in order. With `rows`, a spec whose row the file already holds for the same
     `setup` is read back instead of run (the file is re-read before each spec, so processes sharing it split the
     work), and each new row is appended as soon as it is done. With `share` (bench --share-prefill), the specs that
     can share a prefill (kvtool.shared_prefill.share_plan) run as one group, sample by sample, from one prefill per
     sample, when the group's first spec comes; their rows are appended when the group is done; the others run as
-    without it. The results are the same either way (tests/test_share_prefill.py)."""
+    without it. The results are the same either way (tests/test_share_prefill.py). With `reuse` (bench --reuse-prefix)
+    the passkey and generation tasks resume each prefill from an earlier sample's saved state of the same start
+    (kvtool.prefix_reuse): the same results again (tests/test_prefix_reuse.py); NLL contexts share no start."""
     from kvtool.baselines import make_cache
 
     for spec in specs:               # build every cache once first: one the model cannot take fails before any run
@@ -105,7 +108,7 @@ def run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, 
 
                 bar.update(job, info=shown(f"{len(todo)} caches sharing a prefill: {'; '.join(specs[i] for i in todo)}"))
                 got = run_group(mdl, tok, task, samples, [specs[i] for i in todo], prof, chunk=chunk,
-                                backend=backend, query=query, decode_steps=decode_steps)
+                                backend=backend, query=query, decode_steps=decode_steps, reuse=reuse)
                 now = read_rows(rows, setup) if rows is not None else {}
                 for i, result in zip(todo, got):
                     result.text = text
@@ -116,7 +119,8 @@ def run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, 
             elif todo:
                 (i,) = todo
                 bar.update(job, info=shown(specs[i]))
-                results[i] = run_one(mdl, tok, prof, task, samples, specs[i], chunk, backend, decode_steps, query)
+                results[i] = run_one(mdl, tok, prof, task, samples, specs[i], chunk, backend, decode_steps, query,
+                                     reuse=reuse)
                 results[i].text = text
                 if rows is not None:
                     append_row(rows, setup, results[i])
@@ -125,16 +129,18 @@ def run_specs(mdl, tok, prof, task: str, samples, specs: list[str], chunk: int, 
 
 
 def run_one(mdl, tok, prof, task: str, samples, spec: str, chunk: int, backend: str, decode_steps: int,
-             query: str):
-    """One spec on the samples (its own prefill per sample)."""
+             query: str, reuse: bool = False):
+    """One spec on the samples (its own prefill per sample; `reuse`: from an earlier sample's saved state of the same
+    start where there is one, for the passkey and generation tasks)."""
     from kvtool.evaluate import run_nll, run_passkey
 
     if task == "passkey":
-        return run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query)
+        return run_passkey(mdl, tok, samples, spec, prof, chunk=chunk, backend=backend, query=query, reuse=reuse)
     if task in TASKS and TASKS[task].kind == "generate":
         from kvtool.tasks import run_generate
 
-        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend, query=query)
+        return run_generate(mdl, tok, samples, spec, task, prof, chunk=chunk, backend=backend, query=query,
+                            reuse=reuse)
     result = run_nll(mdl, samples, spec, prof, chunk=chunk, backend=backend, decode_steps=decode_steps)
     result.task = task
     return result

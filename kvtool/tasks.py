@@ -335,26 +335,29 @@ def takes_query_after(task: str) -> bool:
 
 @torch.inference_mode()
 def run_generate(model, tokenizer, samples, spec: str, task: str, profile=None, chunk: int = 512,
-                 backend: str = "auto", query: str = "inside"):
+                 backend: str = "auto", query: str = "inside", reuse: bool = False):
     """A generation task under cache `spec`: chunked prefill, then greedy decoding of len(answer)+4 tokens; per-sample
     hits (TaskResult.hits, so paired bootstrap intervals work) and the accuracy. `query` "after" (tasks with a
-    question): the context is prefilled and compressed first, then the question (kvtool.evaluate.prompt_in)."""
+    question): the context is prefilled and compressed first, then the question (kvtool.evaluate.prompt_in).
+    `reuse`: resume prefills from an earlier sample's saved state of the same start (kvtool.prefix_reuse)."""
     from kvtool.baselines import make_cache
-    from kvtool.evaluate import Meter, _device, greedy, prompt_in
+    from kvtool.evaluate import Meter, _device, greedy, prompt_in, reuse_plan
 
     t = get(task)
     question = question_ids(task, tokenizer, query)
     m = Meter(make_cache(model, profile, spec, backend))
     dev = _device(model)
+    plan = reuse_plan(tokenizer, [s[0] for s in samples], query, chunk, question, reuse=reuse)
     hits = []
-    for prompt, answer_ids, answer in samples:
+    for i, (prompt, answer_ids, answer) in enumerate(samples):
         cache = m.handle.fresh()
         with m.pre:
-            logits = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev, question)   # [1, V]
-        m.n_pre += prompt.numel()
+            logits, cache = prompt_in(model, tokenizer, prompt, cache, chunk, query, dev, question,
+                                      reuse=plan, index=i)                                   # [1, V]
+        m.n_pre += prompt.numel() - (plan.last_reused if plan else 0)
         got = greedy(model, cache, logits, len(answer_ids) + _SPARE, m)
         hits.append(correct(t, got, answer_ids, answer, tokenizer))
         m.held(cache)
         m.step_read(cache)
     return m.result(spec, task, len(samples), correct=sum(hits), hits=hits,
-                    query=None if query == "inside" else query)
+                    query=None if query == "inside" else query, reused_tokens=plan.reused_tokens if plan else 0)
