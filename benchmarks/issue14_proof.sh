@@ -2,7 +2,8 @@
 # "Issue 14: evaluation tasks"). `source benchmarks/issue14_proof.sh` defines the specs; `bash benchmarks/issue14_proof.sh
 # run TASK [PART PARTS]` runs the grid for one task (passkey-chat or copy-digits) into its rows file, part PART of
 # PARTS (every PARTS-th spec from PART, so two processes given 0 2 and 1 2 share the work). Every row is saved as it
-# finishes, so a stopped run resumes where it was. Hours on CPU (20-30 min per row at one thread); not run by any test.
+# finishes, so a stopped run resumes where it was. Hours on CPU (20-30 min per row at one thread; --reuse-prefix, which the
+# run passes, skips about a third of the prefill with the same results: docs/runtime.md); not run by any test.
 #
 # Methods: duo (heads.duo), razor (heads.razor), retrieval (heads.retrieval: the copy score of Retrieval Head), combo
 # (heads.combo: mean rank of duo, copy score, razor) and random with seeds 1-3; fractions 25% first (the issue's
@@ -34,6 +35,6 @@ if [ "${1:-}" = run ]; then
     *) text=${TEXT:-filler} ;;
   esac
   kvtool bench --task "$task" --text "$text" --lengths 1024,2048,3072,4096 --depths 10 --seed "${SEED:-0}" \
-    --threads 1 --baselines none --json --rows "docs/bench-rows/issue14-proof-$task.jsonl" \
+    --threads 1 --baselines none --reuse-prefix --json --rows "docs/bench-rows/issue14-proof-$task.jsonl" \
     --policies "full;$(part "$(specs)" "$p" "$n")"
 fi
