@@ -3,6 +3,7 @@ query regime (question inside the prompt / after compression), one line per poli
 (128/256/512/1024 tokens), 95% bootstrap intervals of the accuracy as error bars, the full cache as a dashed line.
 
     python benchmarks/selection_plot.py docs/bench-rows/issue12-selection.jsonl --plot docs/issue12-selection.png
+    python benchmarks/selection_plot.py docs/bench-rows/issue12-selection.jsonl --grid    # Markdown, a table per regime
 
 A family is a spec with its budget written as B (the StreamingLLM window's recent=B-4 likewise); the short names are
 those of benchmarks/issue12_specs.sh. Rows of other tasks (NLL) are left out. Prints the points it drew.
@@ -57,7 +58,8 @@ def interval(hits, n: int = 2000, seed: int = 0) -> tuple[float, float]:
 
 
 def panels(rows_path: Path) -> list[tuple[str, dict[str, list]]]:
-    """[(regime, {family: [(bytes fraction, accuracy, lo, hi, spec)]})] for the passkey setups of the file."""
+    """[(regime, {family: [(bytes fraction, accuracy, lo, hi, spec, correct, samples)]})] for the passkey setups of the
+    file."""
     out = []
     for setup, results in load(rows_path):
         if not results or results[0].correct is None:
@@ -66,9 +68,38 @@ def panels(rows_path: Path) -> list[tuple[str, dict[str, list]]]:
         fams: dict[str, list] = {}
         for r in results:
             lo, hi = interval(r.hits)
-            fams.setdefault(family(r.spec), []).append((1.0 / r.ratio, r.correct / r.samples, lo, hi, r.spec))
+            fams.setdefault(family(r.spec), []).append((1.0 / r.ratio, r.correct / r.samples, lo, hi, r.spec, r.correct,
+                                                        r.samples))
         out.append((regime, fams))
     return out
+
+
+def budget_of(spec: str) -> int | None:
+    """The token budget of a spec (StreamingLLM's: recent + 4), None for a policy without one."""
+    m = re.search(r"budget=(\d+)", spec) or re.search(r"^heads=none,sink=4,recent=(\d+)$", spec)
+    if not m:
+        return None
+    return int(m.group(1)) + (4 if spec.startswith("heads=none") else 0)
+
+
+def grid(data) -> str:
+    """Markdown: per regime, a row per family and a column per budget, cells `correct/samples (x smaller)`."""
+    out = []
+    for regime, fams in data:
+        budgets = sorted({b for pts in fams.values() for p in pts if (b := budget_of(p[4])) is not None})
+        out.append(f"**{regime}**\n")
+        out.append("| policy | " + " | ".join(f"budget {b}" for b in budgets) + " | no budget |")
+        out.append("|---" * (len(budgets) + 2) + "|")
+        names = [f for f in ["full"] + list(NAMES) if f in fams] + [f for f in fams if f not in NAMES and f != "full"]
+        for fam in names:
+            cells = {budget_of(p[4]): p for p in fams[fam]}
+            row = [NAMES.get(fam, f"`{fam}`")]
+            for b in budgets + [None]:
+                p = cells.get(b)
+                row.append("—" if p is None else f"{p[5]}/{p[6]} ({1 / p[0]:.2f}x)")
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(data, path: Path) -> None:
@@ -115,13 +146,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", type=Path)
     ap.add_argument("--plot", type=Path, default=None, help="write the figure here (PNG)")
+    ap.add_argument("--grid", action="store_true", help="print a Markdown table per regime instead of the points")
     args = ap.parse_args()
     data = panels(args.rows)
-    for regime, fams in data:
+    for regime, fams in ([] if args.grid else data):
         print(f"## {regime}")
         for fam, pts in fams.items():
-            for x, y, lo, hi, spec in sorted(pts):
+            for x, y, lo, hi, spec, *_ in sorted(pts):
                 print(f"{NAMES.get(fam, fam):32s} {1 / x:6.2f}x  {y:.3f} [{lo:.2f}, {hi:.2f}]  {spec}")
+    if args.grid:
+        print(grid(data))
     if args.plot:
         plot(data, args.plot)
         print(f"wrote {args.plot}")
