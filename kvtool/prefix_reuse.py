@@ -76,19 +76,20 @@ class PrefixReuse:
         begin = self.start[i]
         if begin:
             key = self._key(flat, begin)
-            saved = self.states[key]
-            cache = saved if self.last_use[key] == i else copy.deepcopy(saved)
-            if self.last_use[key] == i:
-                del self.states[key], self.last_use[key]
-        wanted = sorted(b for (b, _), last in self.last_use.items() if last > i and begin < b <= flat.numel())
+            if self.last_use[key] == i:                                        # its last use: no copy needed
+                cache = self.states.pop(key)
+                del self.last_use[key]
+            else:
+                cache = copy.deepcopy(self.states[key])
+        # the boundaries past `begin` where this prompt's state is one a later prompt resumes from (the keys still
+        # planned belong to this and later prompts: the earlier ones were dropped above)
+        wanted = [b for b in range(begin + self.chunk, flat.numel(), self.chunk) if self._key(flat, b) in self.last_use]
         logits, at = None, begin
         for b in wanted + [flat.numel()]:
-            if b <= at:
-                continue
-            key = self._key(flat, b)
             logits = prefill(model, ids[:, at:b], cache, self.chunk, finish=False)          # [1, V]
             at = b
-            if key in self.last_use and self.last_use[key] > i and key not in self.states:
+            key = self._key(flat, b)
+            if key in self.last_use and key not in self.states:
                 self.states[key] = copy.deepcopy(cache)
         done = getattr(cache, "finish_prefill", None)
         if finish and done is not None:

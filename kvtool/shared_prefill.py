@@ -65,7 +65,7 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
     (kvtool.prefix_reuse)."""
     from kvtool.baselines import make_cache
     from kvtool.cache import CompressedCache, _profile_method, prefill
-    from kvtool.evaluate import QUERIES, Meter, Timer, _device, greedy, nll_tail, passkey_steps, split_question
+    from kvtool.evaluate import QUERIES, Meter, Timer, _device, greedy, nll_tail, passkey_steps, prefilled_part
     from kvtool.prefix_reuse import PrefixReuse
     from kvtool.policy import Policy
 
@@ -96,14 +96,9 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
     hits: list[list[bool]] = [[] for _ in specs]
     nll = [[0.0, 0] for _ in specs]                           # summed cross-entropy, tokens
     per: list[list[float]] = [[] for _ in specs]
-    firsts = []                                               # what each sample prefills before any question
-    for sample in samples:
-        prompt, question = sample[0], None
-        if kind in ("passkey", "generate") and query == "after":
-            prompt, question = split_question(tokenizer, sample[0], asked)
-        firsts.append((prompt, question))
+    regime = query if kind in ("passkey", "generate") else "inside"     # NLL has no question
+    firsts = [prefilled_part(tokenizer, s[0], regime, asked) for s in samples]   # (prefilled first, question | None)
     plan = PrefixReuse([p for p, _ in firsts], chunk) if reuse else None
-    reused = 0
     for n_sample, (sample, (prompt, question)) in enumerate(zip(samples, firsts)):
         source.reset()
         with Timer() as shared:
@@ -112,7 +107,6 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
                 prefilled = source
             else:
                 last, prefilled = plan.prefill(model, n_sample, prompt.view(1, -1).to(dev), source, finish=False)
-                reused = plan.last_reused
         for i, m in enumerate(meters):
             with own[i]:
                 cache = m.handle.fresh()
@@ -123,7 +117,7 @@ def run_group(model, tokenizer, task: str, samples, specs: list[str], profile=No
                     if question is not None:
                         logits = prefill(model, question.view(1, -1).to(dev), cache, chunk)
                 m.pre.seconds += shared.seconds
-                m.n_pre += sample[0].numel() - reused
+                m.n_pre += sample[0].numel() - (plan.last_reused if plan else 0)
                 if kind == "passkey":
                     got = greedy(model, cache, logits, passkey_steps(tokenizer, sample[1]), m)
                     hits[i].append(sample[1] in tokenizer.decode(got))
